@@ -9,8 +9,6 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from library.models.flux.model import Flux
-
 
 def pack_latents(latents: Tensor) -> Tensor:
     """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens of 2x2 patches."""
@@ -54,7 +52,7 @@ def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list
 
 
 def denoise(
-    model: Flux,
+    model: Callable[..., Tensor],
     img: Tensor,
     img_ids: Tensor,
     txt: Tensor,
@@ -65,7 +63,8 @@ def denoise(
     txt_attention_mask: Tensor | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """Euler integration of the predicted flow from t=timesteps[0] to t=timesteps[-1]."""
+    """Euler integration of the flow predicted by ``model`` (a Flux or a wrapper with its keyword arguments)
+    from t=timesteps[0] to t=timesteps[-1]."""
     batch = img.shape[0]
     guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=img.dtype)
     for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
