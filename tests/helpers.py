@@ -17,3 +17,13 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 
         [sys.executable, str(REPO / script), *args], capture_output=True, text=True, cwd=cwd or REPO, env=env,
         timeout=timeout,
     )  # fmt: skip
+
+
+def flux_state_to_diffusers(state: dict, hidden: int) -> dict:
+    """diffusers' own BFL->diffusers converter, with its hard-coded 3072 width patched to ``hidden``."""
+    import diffusers.loaders.single_file_utils as sfu
+
+    code = sfu.convert_flux_transformer_checkpoint_to_diffusers.__code__
+    patched = code.replace(co_consts=tuple(hidden if c == 3072 else c for c in code.co_consts))
+    convert = type(sfu.convert_flux_transformer_checkpoint_to_diffusers)(patched, sfu.__dict__)
+    return convert(dict(state))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import save_file
 
 from library.errors import UserError
@@ -14,6 +13,7 @@ from library.memory.fp8 import enable_fp8_linear
 from library.models.flux.loading import load_flux_model, open_flux_checkpoint
 from library.models.flux.sampling import prepare_img_ids
 from library.models.flux.tiny import make_flux_state_dict, tiny_flux_params
+from tests.helpers import flux_state_to_diffusers
 
 OPTION = "--pretrained_model_name_or_path"
 
@@ -74,7 +74,7 @@ def test_comfyui_prefix(tiny_state, tmp_path):
 def test_diffusers_file_and_sharded_folder(tiny_state, tmp_path):
     params, state = tiny_state
     # diffusers' own converter hard-codes a 3072 width; rebuild the split sizes for our tiny width by hand
-    diffusers_state = _to_diffusers(state, params.hidden_size)
+    diffusers_state = flux_state_to_diffusers(state, params.hidden_size)
     model = load_flux_model(_save(diffusers_state, tmp_path / "d.safetensors"), dtype=torch.float32)
     _assert_same_weights(model, state)
 
@@ -90,16 +90,6 @@ def test_diffusers_file_and_sharded_folder(tiny_state, tmp_path):
     _assert_same_weights(load_flux_model(tmp_path / "FLUX.1-dev", dtype=torch.float32), state)
     shard = folder / "diffusion_pytorch_model-00001-of-00002.safetensors"
     _assert_same_weights(load_flux_model(shard, dtype=torch.float32), state)
-
-
-def _to_diffusers(state, hidden):
-    """diffusers' converter with its 3072 width patched to the tiny model's."""
-    import diffusers.loaders.single_file_utils as sfu
-
-    source = sfu.convert_flux_transformer_checkpoint_to_diffusers.__code__
-    patched = source.replace(co_consts=tuple(hidden if c == 3072 else c for c in source.co_consts))
-    convert = type(convert_flux_transformer_checkpoint_to_diffusers)(patched, sfu.__dict__)
-    return convert(dict(state))
 
 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
