@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import toml
+
+from library.errors import UserError
+from library.training import args as training_args
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    for add in (
+        training_args.add_flux_model_args, training_args.add_objective_args, training_args.add_optimizer_args,
+        training_args.add_training_args, training_args.add_saving_args, training_args.add_sample_args,
+        training_args.add_logging_args, training_args.add_network_args, training_args.add_config_file_args,
+        training_args.add_unsupported_args,
+    ):  # fmt: skip
+        add(parser)
+    return parser
+
+
+def test_config_file_values_and_command_line_wins(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        toml.dumps(
+            {
+                "model": {"pretrained_model_name_or_path": "flux.safetensors", "apply_t5_attn_mask": True},
+                "train": {
+                    "learning_rate": 1e-4,
+                    "network_args": ["img_attn_dim=4", "verbose=True"],
+                    "max_train_steps": 50,
+                },
+                "timestep_sampling": "shift",
+            }
+        )
+    )
+    args = training_args.parse_args_with_config(_parser(), ["--config_file", str(config), "--learning_rate", "3e-4"])
+    assert args.pretrained_model_name_or_path == "flux.safetensors"
+    assert args.apply_t5_attn_mask is True
+    assert args.learning_rate == 3e-4  # command line wins
+    assert args.max_train_steps == 50 and args.timestep_sampling == "shift"
+    assert args.network_args == ["img_attn_dim=4", "verbose=True"]
+    assert args.loss_type == "l2"  # untouched default
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"learning_rat": 1e-4}, "unknown option 'learning_rat'"),
+        ({"timestep_sampling": "cubic"}, "invalid choice"),
+        ({"gradient_checkpointing": "yes"}, "'gradient_checkpointing' must be true or false"),
+        ({"v2": True}, "'v2' is for SD 2.x models"),
+    ],
+)
+def test_config_file_mistakes(tmp_path, content, message, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml.dumps(content))
+    with pytest.raises((UserError, SystemExit)) as error:
+        training_args.parse_args_with_config(_parser(), ["--config_file", str(config)])
+    text = str(error.value) if error.type is UserError else capsys.readouterr().err
+    assert message in text
+
+
+def test_output_config_writes_non_defaults_without_secrets(tmp_path):
+    config = tmp_path / "out.toml"
+    argv = ["--config_file", str(config), "--output_config", "--learning_rate", "1e-4", "--wandb_api_key", "SECRET"]
+    with pytest.raises(SystemExit) as done:
+        training_args.parse_args_with_config(_parser(), argv)
+    assert done.value.code == 0
+    written = toml.loads(config.read_text())
+    assert written == {"learning_rate": 1e-4}
+    with pytest.raises(UserError, match="already exists"):
+        training_args.parse_args_with_config(_parser(), argv)
+
+
+def test_unsupported_upstream_flag_is_an_error():
+    with pytest.raises(UserError, match="--xformers is not used: attention runs through PyTorch SDPA"):
+        _parser().parse_args(["--xformers"])
+
+
+@pytest.mark.parametrize("text,value", [("100", 100), ("0.1", 0.1), ("10%", 0.1)])
+def test_int_or_float(text, value):
+    assert training_args.int_or_float(text) == pytest.approx(value)
