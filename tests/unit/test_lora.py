@@ -232,7 +232,14 @@ def test_optimizer_param_groups_names_and_lrs():
                                        loraplus_lr_ratio="4", loraplus_text_encoder_lr_ratio="2")  # fmt: skip
     network.apply_to([clip, t5], flux)
     groups, names = network.prepare_optimizer_params([1e-4, 1e-5], 1e-3, 1e-2)
-    assert names == ["textencoder 1 ", "textencoder 1  plus", "textencoder 2 ", "textencoder 2  plus", "unet", "unet plus"]
+    assert names == [
+        "textencoder 1 ",
+        "textencoder 1  plus",
+        "textencoder 2 ",
+        "textencoder 2  plus",
+        "unet",
+        "unet plus",
+    ]
     assert [g["lr"] for g in groups] == pytest.approx([1e-4, 2e-4, 1e-5, 2e-5, 1e-3, 4e-3])
     te1_ups = {id(m.lora_up.weight) for m in network.text_encoder_loras if m.lora_name.startswith("lora_te1_")}
     assert {id(p) for p in groups[1]["params"]} == te1_ups
