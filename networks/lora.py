@@ -27,6 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from library.errors import UserError
 from library.io.safetensors_file import atomic_save_file, read_header
+from library.training.metadata import additional_network_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -417,8 +418,10 @@ class LoRANetwork(nn.Module):
     def _raw_tensors(lora: LoRAModule, given: Mapping[str, Tensor]) -> dict[str, Tensor]:
         name = lora.lora_name
         tensors = {s: given[f"{name}.{s}"] for s in SAVED_SUFFIXES if f"{name}.{s}" in given}
-        if lora.split_dims is None or len(tensors) < 3:
+        if lora.split_dims is None or not tensors:
             return {f"{name}.{s}": v for s, v in tensors.items()}
+        if len(tensors) < len(SAVED_SUFFIXES):
+            raise UserError(f"LoRA weights for {name} need lora_down, lora_up and alpha together to split q/k/v")
         try:
             downs, ups, alpha = split_fused_lora(tensors["lora_down.weight"], tensors["lora_up.weight"],
                                                  float(tensors["alpha"]), lora.split_dims)  # fmt: skip
@@ -436,8 +439,6 @@ class LoRANetwork(nn.Module):
 
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
         """Write upstream's keys, with the sd-webui-additional-networks hashes when there is metadata."""
-        from library.training.metadata import additional_network_hashes
-
         state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in self.state_dict().items()}
         if metadata:
             metadata = dict(metadata)

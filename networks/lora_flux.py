@@ -87,13 +87,15 @@ class FluxLoRAOptions:
         if train_blocks not in ("all", "single", "double"):
             raise UserError(f"--network_args train_blocks={train_blocks}: expected all, single or double")
         double, single = kwargs.get("train_double_block_indices"), kwargs.get("train_single_block_indices")
+        double = None if double is None else parse_block_selection(double, num_double, "train_double_block_indices")
+        single = None if single is None else parse_block_selection(single, num_single, "train_single_block_indices")
         return cls(
             dim=4 if dim is None else dim,
             alpha=1.0 if alpha is None else alpha,
             type_dims=type_dims or None,
             in_dims=parse_int_list(kwargs, "in_dims", len(IN_LAYERS)),
-            double_blocks=None if double is None else parse_block_selection(double, num_double, "train_double_block_indices"),
-            single_blocks=None if single is None else parse_block_selection(single, num_single, "train_single_block_indices"),
+            double_blocks=double,
+            single_blocks=single,
             train_blocks=train_blocks,
             split_qkv=parse_bool_arg(kwargs, "split_qkv"),
             train_t5xxl=parse_bool_arg(kwargs, "train_t5xxl"),
@@ -101,7 +103,7 @@ class FluxLoRAOptions:
             rank_dropout=parse_number_arg(kwargs, "rank_dropout"),
             module_dropout=parse_number_arg(kwargs, "module_dropout"),
             verbose=parse_bool_arg(kwargs, "verbose"),
-        )  # fmt: skip
+        )
 
     def block_dim(self, name: str, path: str) -> int:
         """Rank of a Linear inside a double/single block (0 = no LoRA)."""

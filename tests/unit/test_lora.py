@@ -318,3 +318,22 @@ def test_max_norm_regularization_caps_every_module():
     assert max(after) == pytest.approx(max_norm, rel=1e-4) and max_norm <= cap * (1 + 1e-5)
     assert mean_norm == pytest.approx(sum(after) / len(after), rel=1e-4)
     assert all(a == pytest.approx(b, rel=1e-5) for a, b in zip(after, before) if b <= cap)
+
+
+@torch.no_grad()
+def test_merge_to_from_a_file_equals_the_applied_lora():
+    flux, clip = tiny_flux(), tiny_clip()
+    inputs = flux_inputs()
+    network = lora_flux.create_network(1.0, 4, 2.0, None, [clip], flux, in_dims="[2,2,2,2,2]")
+    randomize(network)
+    network.apply_to([clip], flux)
+    expected = flux(**inputs)
+    network.remove()
+    weights = dict(network.state_dict())
+
+    inference, _ = lora_flux.create_network_from_weights(1.0, None, None, [clip], flux, weights, for_inference=True)
+    inference.merge_to([clip], flux, weights)
+    torch.testing.assert_close(flux(**inputs), expected)
+    assert all(lora.merged == 1.0 for lora in inference.loras)
+    with pytest.raises(UserError, match="lora_unet_nope"):
+        inference.merge_to([clip], flux, {**weights, "lora_unet_nope.alpha": torch.tensor(1.0)})

@@ -63,8 +63,15 @@ def test_saved_keys_are_upstreams_names():
                 for layer in DOUBLE_LAYERS}  # fmt: skip
     expected |= {f"lora_unet_single_blocks_{i}_{layer}" for i in range(2) for layer in SINGLE_LAYERS}
     expected |= {f"lora_unet_{layer}" for layer in IN_LAYER_NAMES}
-    expected |= {f"lora_te1_text_model_encoder_layers_{i}_{layer}" for i in range(2) for layer in
-                 ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}  # fmt: skip
+    clip_layers = (
+        "self_attn_q_proj",
+        "self_attn_k_proj",
+        "self_attn_v_proj",
+        "self_attn_out_proj",
+        "mlp_fc1",
+        "mlp_fc2",
+    )
+    expected |= {f"lora_te1_text_model_encoder_layers_{i}_{layer}" for i in range(2) for layer in clip_layers}
     expected |= {f"lora_te3_encoder_block_{i}_{layer}" for i in range(2) for layer in
                  ("layer_0_SelfAttention_q", "layer_0_SelfAttention_k", "layer_0_SelfAttention_v",
                   "layer_0_SelfAttention_o", "layer_1_DenseReluDense_wi_0", "layer_1_DenseReluDense_wi_1",
@@ -199,8 +206,10 @@ def test_split_qkv_trains_parts_and_saves_a_fused_file_with_the_same_effect():
 def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path):
     flux, clip, t5 = tiny_flux(), tiny_clip(), tiny_t5()
     inputs, ids = flux_inputs(), token_ids()
-    network = create_network(1.0, 4, 3.0, None, [clip, t5], flux, train_t5xxl="True", img_attn_dim="8",
-                             single_dim="2", txt_mod_dim="0", in_dims="[2,0,0,0,6]", network_reg_dims="lora_te3_.*=5")  # fmt: skip
+    args = dict(
+        img_attn_dim="8", single_dim="2", txt_mod_dim="0", in_dims="[2,0,0,0,6]", network_reg_dims="lora_te3_.*=5"
+    )
+    network = create_network(1.0, 4, 3.0, None, [clip, t5], flux, train_t5xxl="True", **args)
     randomize(network)
     path = tmp_path / "lora.safetensors"
     network.save_weights(path, None, None)
