@@ -103,7 +103,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _fp8(module: torch.nn.Module, dtype: torch.dtype) -> None:
     if is_fp8(dtype):
-        cast_linear_weights_to_fp8(module, dtype)
+        cast_linear_weights_to_fp8(module, dtype, exclude=(".wo",))
         enable_fp8_linear(module)
 
 

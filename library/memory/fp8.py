@@ -41,10 +41,17 @@ def disable_fp8_linear(model: nn.Module) -> None:
                 del module.forward
 
 
-def cast_linear_weights_to_fp8(model: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn) -> int:
-    """Store the weights of all Linear layers in ``model`` as fp8 (biases and other tensors keep their dtype)."""
+def cast_linear_weights_to_fp8(
+    model: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn, exclude: tuple[str, ...] = ()
+) -> int:
+    """Store the weights of the Linear layers in ``model`` as fp8 (biases and other tensors keep their dtype).
+
+    Layers whose name ends with one of ``exclude`` keep their dtype (T5's ``wo``: transformers casts the
+    activations to that layer's dtype, which must not become fp8)."""
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if name.endswith(exclude) and exclude:
+            continue
         if isinstance(module, nn.Linear) and not is_fp8(module.weight.dtype):
             module.weight = nn.Parameter(module.weight.data.to(dtype), requires_grad=False)
             count += 1

@@ -74,10 +74,10 @@ def test_wrong_files_give_one_line(tiny_models, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(tiny_models["clip_l"].read_bytes()[:5000])
     cases = [
-        ("--ae", tiny_models["clip_l"], "--ae", "CLIP-L"),
+        ("--ae", tiny_models["clip_l"], "--ae", "CLIP text encoder"),
         ("--clip_l", tiny_models["ae"], "--clip_l", "autoencoder"),
         ("--clip_l", tiny_models["t5xxl"], "--clip_l", "T5"),
-        ("--t5xxl", tiny_models["clip_l"], "--t5xxl", "CLIP-L"),
+        ("--t5xxl", tiny_models["clip_l"], "--t5xxl", "CLIP text encoder"),
         ("--ckpt", tiny_models["ae"], "--ckpt_path", "autoencoder"),
         ("--ckpt", text_file, "--ckpt_path", "not a safetensors file"),
         ("--t5xxl", truncated, "--t5xxl", "truncated"),
