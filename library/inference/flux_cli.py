@@ -61,6 +61,12 @@ def add_flux_inference_args(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--height", type=int, default=768)
     gen.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in encoding and attention")
     gen.add_argument("--t5xxl_max_token_length", type=int, default=None, help="default 256 for schnell, 512 for dev")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument(
+        "--lora_weights", "--lora", nargs="*", default=[], metavar="PATH;MULTIPLIER",
+        help="LoRA files (networks.lora_flux, text-encoder parts included), each 'path;multiplier' (default 1.0)",
+    )  # fmt: skip
+    lora.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,40 @@ def _fp8(module: torch.nn.Module, dtype: torch.dtype) -> None:
         enable_fp8_linear(module)
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"file.safetensors;0.8"`` -> (path, 0.8); no multiplier means 1.0."""
+    path, sep, multiplier = spec.rpartition(";") if ";" in spec else (spec, "", "1.0")
+    try:
+        return path, float(multiplier)
+    except ValueError:
+        raise UserError(f"--lora_weights {spec!r}: multiplier {multiplier!r} is not a number (use path;0.8)") from None
+
+
+def apply_loras(
+    specs: list[str], flux: torch.nn.Module, text_encoders: list[torch.nn.Module], merge: bool, device: torch.device
+) -> None:
+    """Attach (or merge) each LoRA; a file that does not fit the model is a UserError naming it. Attached LoRA
+    weights live on the compute ``device`` (they are small), so they work with --offload too."""
+    from networks import lora_flux
+
+    for spec in specs:
+        path, multiplier = parse_lora_spec(spec)
+        if not Path(path).is_file():
+            raise UserError(f"--lora_weights {path}: file not found")
+        network, weights = lora_flux.create_network_from_weights(
+            multiplier, path, None, text_encoders, flux, for_inference=True
+        )
+        if merge:
+            network.merge_to(text_encoders, flux, weights)
+        else:
+            network.apply_to(text_encoders, flux)
+            network.load_weights(weights)
+            network.to(device)
+        logger.info(
+            "LoRA %s x %s: %d modules %s", path, multiplier, len(network.loras), "merged" if merge else "applied"
+        )
+
+
 def run_flux_inference(args: argparse.Namespace) -> Path:
     _validate(args)
     precision = Precision.from_args(args)
@@ -125,6 +165,7 @@ def run_flux_inference(args: argparse.Namespace) -> Path:
     ae = load_autoencoder(args.ae, dtype=precision.load_dtype("ae"), device=load_device, option="--ae")
     _fp8(clip_l, precision.clip_l)
     _fp8(t5, precision.t5xxl)
+    apply_loras(args.lora_weights, model, [clip_l, t5], args.merge_lora_weights, device)
     max_length = args.t5xxl_max_token_length or default_t5_max_length(is_schnell)
     encoder = FluxTextEncoder(
         clip_l, t5, load_clip_tokenizer(args.clip_l_tokenizer), load_t5_tokenizer(args.t5xxl_tokenizer),

@@ -92,3 +92,55 @@ def test_wrong_files_give_one_line(tiny_models, tmp_path):
 def test_bad_option_values(tiny_models, tmp_path):
     line = _error_line(run_script("flux_minimal_inference.py", *_args(tiny_models, tmp_path, "--flux_dtype", "fp9")))
     assert "--flux_dtype" in line and "fp9" in line
+
+
+def _make_lora(tiny_models, path):
+    """A LoRA over FLUX, CLIP-L and T5 with random (non-zero) up weights, saved as training saves it."""
+    import torch
+
+    from library.models.flux.loading import load_flux_model
+    from library.models.text_encoders.clip import load_clip_text_model
+    from library.models.text_encoders.t5 import load_t5_encoder
+    from networks import lora_flux
+
+    flux = load_flux_model(tiny_models["flux_dev"], dtype=torch.float32)
+    encoders = [load_clip_text_model(tiny_models["clip_l"]), load_t5_encoder(tiny_models["t5xxl"])]
+    network = lora_flux.create_network(1.0, 4, 2.0, None, encoders, flux, train_t5xxl="True")
+    network.apply_to(encoders, flux)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_up" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    network.save_weights(path, torch.float32, {"ss_network_module": "networks.lora_flux"})
+    assert any(k.startswith("lora_te1_") for k in network.state_dict())
+    assert any(k.startswith("lora_te3_") for k in network.state_dict())
+
+
+def test_lora_applied_merged_and_scaled(tiny_models, tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    _make_lora(tiny_models, lora)
+
+    def image(name, *extra):
+        result = run_script("flux_minimal_inference.py", *_args(tiny_models, tmp_path / name, *extra))
+        assert result.returncode == 0, result.stderr
+        return np.asarray(Image.open(_only_png(tmp_path / name)), dtype=np.float32)
+
+    base = image("base")
+    applied = image("applied", "--lora", f"{lora};1.0")
+    merged = image("merged", "--lora", f"{lora};1.0", "--merge_lora_weights")
+    zero = image("zero", "--lora_weights", f"{lora};0")
+    assert np.abs(applied - base).mean() > 2.0  # the LoRA changes the image
+    assert np.abs(applied - merged).max() <= 2.0  # merged weights give the same image (rounding aside)
+    np.testing.assert_array_equal(zero, base)
+
+
+def test_lora_errors(tiny_models, tmp_path):
+    line = _error_line(
+        run_script("flux_minimal_inference.py", *_args(tiny_models, tmp_path, "--lora", "missing.safetensors;1"))
+    )
+    assert "--lora_weights missing.safetensors: file not found" in line
+    line = _error_line(
+        run_script("flux_minimal_inference.py", *_args(tiny_models, tmp_path, "--lora", "x.safetensors;strong"))
+    )
+    assert "multiplier 'strong' is not a number" in line
