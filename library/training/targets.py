@@ -60,8 +60,14 @@ def import_network_module(name: str):
 class NetworkTarget:
     """A LoRA/OFT network attached to the denoiser (and optionally the text encoders)."""
 
-    def __init__(self, network: nn.Module, trains_text_encoders: bool, save_dtype: torch.dtype | None):
-        self.module = network
+    def __init__(
+        self,
+        network: nn.Module,
+        trains_text_encoders: bool,
+        save_dtype: torch.dtype | None,
+        prepared: nn.Module | None = None,
+    ):
+        self.module = prepared if prepared is not None else network  # what accelerate prepared (DDP-wrapped or not)
         self.network = network
         self.trains_text_encoders = trains_text_encoders
         self.save_dtype = save_dtype

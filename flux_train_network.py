@@ -1,0 +1,17 @@
+"""FLUX.1 LoRA/OFT training (``--network_module networks.lora_flux``). Options as upstream's script."""
+
+from __future__ import annotations
+
+from library.errors import run_cli
+from library.logging_setup import setup_logging
+from library.training.args import parse_args_with_config
+from library.training.network_training import build_flux_network_parser, run_network_training
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    run_network_training(parse_args_with_config(build_flux_network_parser(), argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
