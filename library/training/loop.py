@@ -151,8 +151,8 @@ def save_model(run: TrainingRun, path: Path, state: TrainState, kind: str, numbe
     run.target.save(path, metadata)
     logger.info("saved %s", path)
     s = run.settings
-    if kind == "step":
-        run.naming.remove_old("step", number, s.save_last_n_steps)
+    if kind == "step" and s.save_last_n_steps is not None:  # keep the saves of the last N steps, as upstream
+        run.naming.remove_old("step", number, s.save_last_n_steps + 1)
     elif kind == "epoch" and s.save_last_n_epochs is not None:
         run.naming.remove_old("epoch", number, s.save_every_n_epochs * s.save_last_n_epochs)
 
@@ -231,7 +231,8 @@ def _after_step(run: TrainingRun, state: TrainState) -> None:
         save_model(run, run.naming.step_file(step), state, "step", step)
         if s.save_state:
             save_state(run, run.naming.step_state(step), state)
-            run.naming.remove_old("step", step, s.save_last_n_steps_state, state=True)
+            if s.save_last_n_steps_state is not None:
+                run.naming.remove_old("step", step, s.save_last_n_steps_state + 1, state=True)
 
 
 def _after_epoch(run: TrainingRun, state: TrainState) -> None:
@@ -258,6 +259,8 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
     optimizer_train_mode(run.optimizer)
     if s.sample_at_first and state.global_step == 0:
         sample_images(run, state, None)
+    if len(run.dataset) == 0:
+        raise UserError("the dataset yields no batches; check the image folders and batch sizes")
     while state.epoch < s.num_epochs and state.global_step < s.max_train_steps:
         run.dataset.set_current_epoch(state.epoch + 1)
         for index, batch in enumerate(run.loader):
@@ -283,12 +286,10 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
             _after_step(run, state)
             if state.global_step >= s.max_train_steps:
                 break
-        else:
+        if state.batches_in_epoch >= len(run.dataset):
             state.epoch += 1
             state.batches_in_epoch = 0
             _after_epoch(run, state)
-            continue
-        break
     bar.close()
     run.accelerator.wait_for_everyone()
     save_model(run, run.naming.last_file(), state, "last", state.global_step)
