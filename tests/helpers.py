@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +30,25 @@ def flux_state_to_diffusers(state: dict, hidden: int) -> dict:
     patched = code.replace(co_consts=tuple(hidden if c == 3072 else c for c in code.co_consts))
     convert = type(sfu.convert_flux_transformer_checkpoint_to_diffusers)(patched, sfu.__dict__)
     return convert(dict(state))
+
+
+def write_images(folder: Path, sizes: list[tuple[int, int]], captions: list[str | None] | None = None,
+                 ext: str = ".txt", mode: str = "RGB") -> list[Path]:  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        rng = np.random.default_rng(i)
+        channels = 4 if mode == "RGBA" else 3
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(pixels, mode).save(path)
+        caption = (captions or [f"caption {i}"] * len(sizes))[i]
+        if caption is not None:
+            path.with_suffix(ext).write_text(caption, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

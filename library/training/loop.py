@@ -72,6 +72,7 @@ class LoopSettings:
     sample_at_first: bool = False
     seed: int = 0
     log_prefix: str = ""
+    masked_loss: bool = False  # conditioning images (R channel) are loss masks, as upstream's --masked_loss
 
 
 @dataclass
@@ -132,6 +133,8 @@ def batch_loss(run: TrainingRun, batch: dict) -> Tensor:
     with run.accelerator.autocast():
         pred = run.family.predict(noisy, t, text, run.weight_dtype)
     mask = batch.get("alpha_masks")
+    if run.settings.masked_loss and batch.get("conditioning_images") is not None:
+        mask = batch["conditioning_images"][:, 0] / 2 + 0.5
     per_sample = objective.per_sample_loss(pred, noisy, latents, noise, t, run.objective, mask=mask)
     weights = batch.get("loss_weights")
     if weights is not None:

@@ -18,6 +18,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from library.data.dataset import DatasetOptions, add_dataset_args, build_dataset_group
+from library.data.debug import show_dataset
+from library.data.encode_caches import check_latents_cacheable, check_text_cacheable
 from library.dtypes import parse_dtype
 from library.errors import UserError
 from library.memory.checkpointing import enable_block_checkpointing
@@ -127,8 +129,7 @@ def _training_metadata(args: argparse.Namespace, family: FluxFamily, group, opti
     """upstream's ss_* keys and modelspec.*; secrets are never among them."""
     if args.no_metadata:
         return {}
-    resolution = group.metadata().get("ss_resolution", "(1024, 1024)")
-    width, height = (int(v) for v in str(resolution).strip("()[] ").split(",")[:2])
+    width, height = group.resolution
     meta: dict[str, object] = {
         "ss_session_id": str(int(started * 1000) % 2**31), "ss_training_started_at": started,
         "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate,
@@ -188,13 +189,13 @@ def _prepare_family(args: argparse.Namespace, accelerator: Accelerator, group, t
         dtype=weight_dtype, device=accelerator.device, fp8_base=args.fp8_base or args.fp8_base_unet,
         guidance_scale=args.guidance_scale,
     )  # fmt: skip
-    if args.cache_latents:
-        group.cache_latents(family, is_main_process=accelerator.is_main_process)
-    if args.cache_text_encoder_outputs:
-        if train_text:
-            raise UserError("--cache_text_encoder_outputs cannot be used while training text-encoder LoRA; "
-                            "add --network_train_unet_only")  # fmt: skip
-        group.cache_text_encoder_outputs(family, is_main_process=accelerator.is_main_process)
+    if group.options.cache_latents:
+        group.cache_latents(family.latent_codec, is_main_process=accelerator.is_main_process)
+    if group.options.cache_text_encoder_outputs:
+        group.cache_text_encoder_outputs(family.text_codec, is_main_process=accelerator.is_main_process)
+        if not train_text:  # only sample prompts need them now: keep them off the accelerator
+            for encoder in family.text_encoders:
+                encoder.to("cpu")
     accelerator.wait_for_everyone()
     if args.gradient_checkpointing:
         enable_block_checkpointing([*family.flux.double_blocks, *family.flux.single_blocks])
@@ -223,10 +224,20 @@ def run_network_training(args: argparse.Namespace) -> TrainState:
         args.network_module, args.network_dim, args.network_alpha, args.network_dropout, args.network_args,
         args.network_weights, args.dim_from_weights, args.network_train_unet_only, args.network_train_text_encoder_only,
     )  # fmt: skip
+    seed = args.seed = args.seed if args.seed is not None else int(started) % 2**31
     group = build_dataset_group(DatasetOptions.from_args(args))
+    if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
+        if options.train_text_encoder:
+            raise UserError("--cache_text_encoder_outputs cannot be used while training text-encoder LoRA; "
+                            "add --network_train_unet_only")  # fmt: skip
+        check_text_cacheable(group.all_items())
+    if args.cache_latents or args.cache_latents_to_disk:
+        check_latents_cacheable(group.all_items())
+    if args.debug_dataset:
+        show_dataset(group, Path(args.debug_dataset_dir) if args.debug_dataset_dir else None)
+        return TrainState()
     prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
     accelerator = _accelerator(args)
-    seed = args.seed if args.seed is not None else int(started) % 2**31
     set_seed(seed)
     family = _prepare_family(args, accelerator, group, options.train_text_encoder)
     network = _create_network(args, options, family)
@@ -235,6 +246,7 @@ def run_network_training(args: argparse.Namespace) -> TrainState:
         args.optimizer_type or "AdamW", params, args.learning_rate, args.optimizer_args
     )
     max_steps, num_epochs = _step_counts(args, len(group))
+    group.set_max_train_steps(max_steps)
     scheduler = build_lr_scheduler(
         args.lr_scheduler_type or args.lr_scheduler, optimizer, num_training_steps=max_steps * accelerator.num_processes,
         num_warmup_steps=resolve_step_count(args.lr_warmup_steps, max_steps, "--lr_warmup_steps"),
@@ -244,7 +256,7 @@ def run_network_training(args: argparse.Namespace) -> TrainState:
         scheduler_args=args.lr_scheduler_args,
     )  # fmt: skip
     workers = max(0, args.max_data_loader_n_workers)
-    loader = DataLoader(group, batch_size=1, shuffle=False, collate_fn=_first, num_workers=workers,
+    loader = DataLoader(group, batch_size=1, sampler=group.sampler(), collate_fn=_first, num_workers=workers,
                         persistent_workers=args.persistent_data_loader_workers and workers > 0)  # fmt: skip
     network, optimizer, loader, scheduler = accelerator.prepare(network, optimizer, loader, scheduler)
     if accelerator.is_main_process and args.log_with:
@@ -294,5 +306,5 @@ def _loop_settings(args: argparse.Namespace, max_steps: int, num_epochs: int, se
         save_last_n_epochs_state=args.save_last_n_epochs_state, save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end, sample_every_n_steps=args.sample_every_n_steps,
         sample_every_n_epochs=args.sample_every_n_epochs, sample_at_first=args.sample_at_first, seed=seed,
-        log_prefix=args.log_prefix or "",
+        log_prefix=args.log_prefix or "", masked_loss=args.masked_loss,
     )  # fmt: skip

@@ -1,0 +1,514 @@
+"""The training dataset: datasets of one resolution each, grouped; batches drawn from one bucket of one dataset.
+
+Order and augmentation are functions of (seed, epoch, batch position), never of process-wide random state, so a
+resumed run, a run with data-loader workers and an uninterrupted run see the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Sampler
+
+from library.data.buckets import BucketAssigner, BucketSettings, bucket_summary
+from library.data.caches import load_latents, load_text
+from library.data.captions import process_caption
+from library.data.config import DatasetConfig, command_line_fallback_keys, configs_from_folders, load_dataset_config
+from library.data.encode_caches import (
+    LatentEncoder,
+    TextEncoderOutputs,
+    cache_latents,
+    cache_text_encoder_outputs,
+)  # fmt: skip
+from library.data.images import LoadedImage, load_image, resize_and_crop, to_tensor
+from library.data.items import ImageItem, balance_regularization, subset_items, tag_frequency
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# command-line option -> config key, where the names differ (as upstream maps them)
+_OPTION_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    dataset_config: Path | None = None
+    train_data_dir: Path | None = None
+    reg_data_dir: Path | None = None
+    in_json: Path | None = None
+    fallbacks: dict[str, object] = field(default_factory=dict)  # command-line values for config keys
+    seed: int = 0
+    prior_loss_weight: float = 1.0
+    masked_loss: bool = False
+    latent_multiple: int = 16  # bucket sides must be multiples of this (FLUX/SD3: VAE 8 x patch 2)
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
+    skip_cache_check: bool = False
+    vae_batch_size: int = 1
+    text_encoder_batch_size: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DatasetOptions:
+        fallbacks = {}
+        for key in command_line_fallback_keys():
+            option = next((o for o, k in _OPTION_TO_KEY.items() if k == key), key)
+            value = getattr(args, option, None)
+            if key == "caption_extension" and getattr(args, "caption_extention", None):
+                value = args.caption_extention  # upstream's misspelt alias
+            if value is not None:
+                fallbacks[key] = _cli_value(option, value)
+        path = lambda v: Path(v) if v else None  # noqa: E731
+        return cls(
+            dataset_config=path(args.dataset_config), train_data_dir=path(args.train_data_dir),
+            reg_data_dir=path(args.reg_data_dir), in_json=path(args.in_json), fallbacks=fallbacks,
+            seed=args.seed or 0, prior_loss_weight=args.prior_loss_weight, masked_loss=args.masked_loss,
+            cache_latents=args.cache_latents or args.cache_latents_to_disk,
+            cache_latents_to_disk=args.cache_latents_to_disk,
+            cache_text_encoder_outputs=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
+            cache_text_encoder_outputs_to_disk=args.cache_text_encoder_outputs_to_disk,
+            skip_cache_check=args.skip_cache_check, vae_batch_size=args.vae_batch_size,
+            text_encoder_batch_size=args.text_encoder_batch_size,
+        )  # fmt: skip
+
+
+def _cli_value(option: str, value: object) -> object:
+    """Command-line strings for list-valued keys ("512,768", "2.0,4.0") as the config would hold them."""
+    if option in ("resolution", "face_crop_aug_range") and isinstance(value, str):
+        try:
+            parts = [float(v) if option == "face_crop_aug_range" else int(v) for v in value.split(",")]
+        except ValueError:
+            raise UserError(f"--{option} {value}: expected a number or two numbers separated by a comma") from None
+        return parts[0] if len(parts) == 1 and option == "resolution" else parts
+    return value
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """upstream's dataset options (names and defaults); config files override them per dataset/subset."""
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--dataset_config", type=str, default=None, help="dataset config file (.toml or .json)")
+    g.add_argument("--train_data_dir", type=str, default=None, help="folder of '<repeats>_<class tokens>' folders")
+    g.add_argument("--reg_data_dir", type=str, default=None, help="regularization images, same folder layout")
+    g.add_argument("--in_json", type=str, default=None, help="fine-tune style metadata file for --train_data_dir")
+    g.add_argument("--dataset_repeats", type=int, default=1, help="repeats with --in_json")
+    g.add_argument("--resolution", type=str, default=None, help="'size' or 'width,height'")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--caption_extension", type=str, default=".caption")
+    g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--caption_separator", type=str, default=",")
+    g.add_argument("--caption_prefix", type=str, default=None)
+    g.add_argument("--caption_suffix", type=str, default=None)
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--keep_tokens_separator", type=str, default="")
+    g.add_argument("--secondary_separator", type=str, default=None)
+    g.add_argument("--enable_wildcard", action="store_true")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--token_warmup_min", type=int, default=1)
+    g.add_argument("--token_warmup_step", type=float, default=0)
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--color_aug", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--face_crop_aug_range", type=str, default=None)
+    g.add_argument("--alpha_mask", action="store_true", help="the alpha channel is the loss mask")
+    g.add_argument("--resize_interpolation", type=str, default=None)
+    g.add_argument("--conditioning_data_dir", type=str, default=None, help="mask images with --masked_loss")
+    g.add_argument("--cache_info", action="store_true", help="cache image sizes and captions per folder")
+    g = parser.add_argument_group("latent and text-encoder caches")
+    g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_latents_to_disk", action="store_true")
+    g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--skip_cache_check", action="store_true", help="reuse cache files without checking them")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
+    g.add_argument("--text_encoder_batch_size", type=int, default=None)
+    g.add_argument("--debug_dataset", action="store_true", help="show buckets and processed captions, then stop")
+    g.add_argument("--debug_dataset_dir", type=str, default=None, help="with --debug_dataset: save processed images")
+
+
+class ImageDataset:
+    """One ``[[datasets]]`` entry: its images in buckets, batched ``batch_size`` at a time within a bucket."""
+
+    def __init__(self, config: DatasetConfig, items: list[ImageItem], latent_multiple: int):
+        self.config = config
+        self.items = items
+        self.num_train_images = sum(i.num_repeats for i in items if not i.is_reg)
+        self.num_reg_images = sum(i.num_repeats for i in items if i.is_reg)
+        settings = BucketSettings(
+            resolution=config.resolution, enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso,
+            max_bucket_reso=config.max_bucket_reso, bucket_reso_steps=config.bucket_reso_steps,
+            bucket_no_upscale=config.bucket_no_upscale,
+        )  # fmt: skip
+        _check_multiple(config, latent_multiple)
+        assigner = BucketAssigner(settings)
+        self.buckets: dict[tuple[int, int], list[ImageItem]] = {}
+        for item in items:
+            item.bucket, item.resized_size = assigner.assign(item.size)
+            if item.bucket[0] % latent_multiple or item.bucket[1] % latent_multiple:
+                raise UserError(f"{config.where}: {item.path} falls in bucket {item.bucket}, not a multiple of "
+                                f"{latent_multiple}; set bucket_reso_steps to a multiple of {latent_multiple}")  # fmt: skip
+            self.buckets.setdefault(item.bucket, []).extend([item] * item.num_repeats)
+        self.buckets = dict(sorted(self.buckets.items()))
+        self.num_batches = sum(math.ceil(len(entries) / config.batch_size) for entries in self.buckets.values())
+
+    def epoch_batches(self, seed: int, epoch: int, index: int) -> list[list[ImageItem]]:
+        """This epoch's batches: each bucket shuffled, then cut into batches (upstream's scheme)."""
+        rng = random.Random(f"{seed}/{epoch}/{index}")
+        batches = []
+        for entries in self.buckets.values():
+            entries = list(entries)
+            rng.shuffle(entries)
+            size = self.config.batch_size
+            batches.extend(entries[i : i + size] for i in range(0, len(entries), size))
+        return batches
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        return {bucket: len(entries) for bucket, entries in self.buckets.items()}
+
+    def metadata(self) -> dict:
+        return {
+            "is_dreambooth": self.config.kind == "dreambooth", "batch_size_per_device": self.config.batch_size,
+            "num_train_images": self.num_train_images, "num_reg_images": self.num_reg_images,
+            "resolution": tuple(self.config.resolution), "enable_bucket": self.config.enable_bucket,
+            "min_bucket_reso": self.config.min_bucket_reso, "max_bucket_reso": self.config.max_bucket_reso,
+            "tag_frequency": tag_frequency(self.items), "bucket_info": self.bucket_info(),
+            "subsets": [_subset_metadata(s, self.items) for s in self.config.subsets],
+        }  # fmt: skip
+
+    def bucket_info(self) -> dict:
+        counts = self.bucket_counts()
+        errors = [abs(i.size[0] / i.size[1] - i.bucket[0] / i.bucket[1]) for i in self.items]
+        return {
+            "buckets": {i: {"resolution": list(b), "count": n} for i, (b, n) in enumerate(counts.items())},
+            "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0,
+        }
+
+
+def _check_multiple(config: DatasetConfig, multiple: int) -> None:
+    width, height = config.resolution
+    if not config.enable_bucket and (width % multiple or height % multiple):
+        raise UserError(f"{config.where}: resolution {width}x{height} is not a multiple of {multiple}; "
+                        f"use a multiple of {multiple} or enable_bucket")  # fmt: skip
+    if config.enable_bucket and config.bucket_reso_steps % multiple:
+        raise UserError(f"{config.where}: bucket_reso_steps {config.bucket_reso_steps} is not a multiple of {multiple}")
+
+
+def _subset_metadata(subset, items: list[ImageItem]) -> dict:
+    c = subset.caption
+    meta = {
+        "img_count": sum(1 for i in items if i.subset is subset), "num_repeats": subset.num_repeats,
+        "color_aug": subset.color_aug, "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
+        "shuffle_caption": c.shuffle_caption, "keep_tokens": c.keep_tokens,
+        "keep_tokens_separator": c.keep_tokens_separator, "secondary_separator": c.secondary_separator,
+        "enable_wildcard": c.enable_wildcard, "caption_prefix": c.caption_prefix, "caption_suffix": c.caption_suffix,
+        "resize_interpolation": subset.resize_interpolation,
+    }  # fmt: skip
+    if subset.image_dir:
+        meta["image_dir"] = subset.image_dir.name
+    if subset.metadata_file:
+        meta["metadata_file"] = subset.metadata_file.name
+    else:
+        meta.update(class_tokens=subset.class_tokens, is_reg=subset.is_reg)
+    return meta
+
+
+@dataclass
+class EpochPosition:
+    """What the data loader asks for: batch ``index`` of ``epoch``, drawn at global ``step``."""
+
+    epoch: int
+    index: int
+    step: int
+
+
+class EpochSampler(Sampler):
+    """Yields EpochPosition keys read in the main process, so data-loader workers (persistent or not) always see
+    the current epoch and step."""
+
+    def __init__(self, group: DatasetGroup):
+        self.group = group
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __iter__(self) -> Iterator[EpochPosition]:
+        epoch = self.group.current_epoch
+        for index in range(len(self.group)):
+            yield EpochPosition(epoch, index, self.group.current_step)
+
+
+class DatasetGroup(torch.utils.data.Dataset):
+    """All datasets of a run; ``group[i]`` is the i-th batch of the current epoch (a dict, see ``make_batch``)."""
+
+    def __init__(self, datasets: list[ImageDataset], options: DatasetOptions, from_config: bool):
+        self.datasets = datasets
+        self.options = options
+        self.from_config = from_config
+        self.current_epoch = 1
+        self.current_step = 0
+        self.max_train_steps = 0
+        self._order: tuple[int, list[tuple[int, list[ImageItem]]]] | None = None
+
+    # --- what the loop uses ---
+    def __len__(self) -> int:
+        return sum(d.num_batches for d in self.datasets)
+
+    def set_current_epoch(self, epoch: int) -> None:
+        self.current_epoch = epoch
+
+    def set_current_step(self, step: int) -> None:
+        self.current_step = step
+
+    def set_max_train_steps(self, steps: int) -> None:
+        self.max_train_steps = steps
+
+    def sampler(self) -> EpochSampler:
+        return EpochSampler(self)
+
+    def cache_latents(self, encoder: LatentEncoder, *, is_main_process: bool = True) -> int:
+        """Fill the latent cache (memory, or npz files with --cache_latents_to_disk); returns images encoded."""
+        o = self.options
+        return cache_latents(self.all_items(), encoder, to_disk=o.cache_latents_to_disk, skip_check=o.skip_cache_check,
+                             batch_size=o.vae_batch_size, is_main_process=is_main_process)  # fmt: skip
+
+    def cache_text_encoder_outputs(self, encoder: TextEncoderOutputs, *, is_main_process: bool = True) -> int:
+        """Fill the text-encoder output cache; returns captions encoded."""
+        o = self.options
+        batch_size = o.text_encoder_batch_size or max(d.config.batch_size for d in self.datasets)
+        return cache_text_encoder_outputs(
+            self.all_items(), encoder, to_disk=o.cache_text_encoder_outputs_to_disk, skip_check=o.skip_cache_check,
+            batch_size=batch_size, is_main_process=is_main_process,
+        )  # fmt: skip
+
+    def __getitem__(self, key: int | EpochPosition) -> dict:
+        if not isinstance(key, EpochPosition):
+            key = EpochPosition(self.current_epoch, int(key), self.current_step)
+        dataset_index, items = self.epoch_order(key.epoch)[key.index]
+        rng = random.Random(f"{self.options.seed}/{key.epoch}/batch{key.index}")
+        return make_batch(items, self.options, rng, epoch=key.epoch, step=key.step,
+                          max_train_steps=self.max_train_steps)  # fmt: skip
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, list[ImageItem]]]:
+        """Every batch of the epoch as (dataset index, items), shuffled across datasets from (seed, epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            batches = [
+                (i, b) for i, d in enumerate(self.datasets) for b in d.epoch_batches(self.options.seed, epoch, i)
+            ]
+            random.Random(f"{self.options.seed}/{epoch}").shuffle(batches)
+            self._order = (epoch, batches)
+        return self._order[1]
+
+    # --- what users and metadata see ---
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(d.num_reg_images for d in self.datasets)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(self.datasets[0].config.resolution) if self.datasets else (1024, 1024)
+
+    def all_items(self) -> list[ImageItem]:
+        return [item for d in self.datasets for item in d.items]
+
+    def summary(self) -> str:
+        lines = []
+        for d in self.datasets:
+            c = d.config
+            lines.append(f"{c.where}: {c.kind}, resolution {c.resolution[0]}x{c.resolution[1]}, batch size "
+                         f"{c.batch_size}, {len(d.items)} images ({d.num_train_images} train + {d.num_reg_images} "
+                         f"reg with repeats), {d.num_batches} batches per epoch")  # fmt: skip
+            lines.extend("  " + line for line in bucket_summary(d.bucket_counts()).splitlines())
+        return "\n".join(lines)
+
+    def metadata(self) -> dict[str, object]:
+        """upstream's dataset ss_* keys (ss_datasets with a config file; flat keys for folder-style datasets)."""
+        import json
+
+        meta: dict[str, object] = {
+            "ss_num_train_images": self.num_train_images, "ss_num_reg_images": self.num_reg_images,
+            "ss_num_batches_per_epoch": len(self), "ss_cache_latents": self.options.cache_latents,
+            "ss_prior_loss_weight": self.options.prior_loss_weight,
+        }  # fmt: skip
+        infos = [d.metadata() for d in self.datasets]
+        tags: dict = {}
+        for info in infos:
+            for folder, counts in info["tag_frequency"].items():
+                tags.setdefault(folder, counts)
+        dirs = {s["image_dir"] if "image_dir" in s else s.get("metadata_file"): {"n_repeats": s["num_repeats"],
+                "img_count": s["img_count"]} for info in infos for s in info["subsets"] if not s.get("is_reg")}  # fmt: skip
+        if self.from_config or not infos:
+            meta.update(
+                ss_datasets=json.dumps(infos), ss_tag_frequency=json.dumps(tags), ss_dataset_dirs=json.dumps(dirs)
+            )
+            return meta
+        d, info = self.datasets[0], infos[0]
+        subset = d.config.subsets[0]
+        reg = {s["image_dir"]: {"n_repeats": s["num_repeats"], "img_count": s["img_count"]}
+               for s in info["subsets"] if s.get("is_reg")}  # fmt: skip
+        meta.update(
+            ss_batch_size_per_device=d.config.batch_size, ss_resolution=str(tuple(d.config.resolution)),
+            ss_color_aug=subset.color_aug, ss_flip_aug=subset.flip_aug, ss_random_crop=subset.random_crop,
+            ss_shuffle_caption=subset.caption.shuffle_caption, ss_enable_bucket=d.config.enable_bucket,
+            ss_bucket_no_upscale=d.config.bucket_no_upscale, ss_min_bucket_reso=d.config.min_bucket_reso,
+            ss_max_bucket_reso=d.config.max_bucket_reso, ss_keep_tokens=subset.caption.keep_tokens,
+            ss_caption_dropout_rate=subset.caption.caption_dropout_rate,
+            ss_caption_dropout_every_n_epochs=subset.caption.caption_dropout_every_n_epochs,
+            ss_caption_tag_dropout_rate=subset.caption.caption_tag_dropout_rate,
+            ss_dataset_dirs=json.dumps(dirs), ss_reg_dataset_dirs=json.dumps(reg),
+            ss_tag_frequency=json.dumps(info["tag_frequency"]), ss_bucket_info=json.dumps(info["bucket_info"]),
+        )  # fmt: skip
+        return meta
+
+
+def build_dataset_group(options: DatasetOptions) -> DatasetGroup:
+    """Read and check the config (or folders), scan every image's size and caption, and assign buckets. Raises
+    UserError for any problem, before a model is loaded."""
+    if options.dataset_config:
+        if options.train_data_dir or options.in_json:
+            logger.warning("--dataset_config is given, so --train_data_dir / --reg_data_dir / --in_json are ignored")
+        configs = load_dataset_config(options.dataset_config, options.fallbacks)
+    elif options.train_data_dir:
+        configs = configs_from_folders(options.train_data_dir, options.reg_data_dir, options.in_json, options.fallbacks)
+    else:
+        raise UserError("no training images: give --dataset_config or --train_data_dir")
+    datasets = []
+    for config in configs:
+        if config.kind == "controlnet" and not options.masked_loss:
+            raise UserError(f"{config.where}: conditioning_data_dir subsets are mask images for --masked_loss here; "
+                            "add --masked_loss (ControlNet training uses flux_train_control_net.py)")  # fmt: skip
+        train, reg = [], []
+        for subset in config.subsets:
+            (reg if subset.is_reg else train).extend(subset_items(subset))
+        if reg and not train:
+            raise UserError(f"{config.where}: only regularization subsets (is_reg = true); add training images")
+        if train and not reg and any(s.is_reg for s in config.subsets):
+            logger.warning("%s: the regularization subsets have no images", config.where)
+        datasets.append(ImageDataset(config, train + balance_regularization(train, reg), options.latent_multiple))
+    group = DatasetGroup(datasets, options, from_config=bool(options.dataset_config))
+    if len(group) == 0:
+        raise UserError("the dataset has no images; check image_dir / --train_data_dir and num_repeats")
+    return group
+
+
+def make_batch(
+    items: list[ImageItem], options: DatasetOptions, rng: random.Random, *, epoch: int, step: int, max_train_steps: int
+) -> dict:
+    """One batch: ``latents`` (cached) or ``images`` [B, 3, H, W] in [-1, 1]; ``captions`` and ``text`` (cached
+    encoder outputs or None); ``loss_weights`` [B] (prior_loss_weight for regularization images);
+    ``alpha_masks`` [B, H, W] or None; ``conditioning_images`` [B, 3, H, W] in [-1, 1] (mask images) or None;
+    ``network_multipliers`` [B]; ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw`` [B, 2];
+    ``image_paths``."""
+    samples = [_sample(item, options, rng) for item in items]
+    captions = [process_caption(item.caption, item.subset.caption, rng, epoch=epoch, step=step,
+                                max_train_steps=max_train_steps) for item in items]  # fmt: skip
+    texts = [_cached_text(item) for item in items]
+    any_alpha = any(item.subset.alpha_mask for item in items)
+    masks = [s["alpha"] if s["alpha"] is not None else torch.ones(s["hw"]) for s in samples] if any_alpha else None
+    weights = [options.prior_loss_weight if item.is_reg else 1.0 for item in items]
+    cached = samples[0]["latents"] is not None
+    return {
+        "latents": torch.stack([s["latents"] for s in samples]) if cached else None,
+        "images": None if cached else torch.stack([s["image"] for s in samples]),
+        "captions": captions,
+        "text": {k: torch.stack([torch.from_numpy(np.asarray(t[k])) for t in texts]) for k in texts[0]}
+        if texts[0] is not None else None,
+        "loss_weights": torch.tensor(weights, dtype=torch.float32),
+        "alpha_masks": torch.stack(masks) if masks else None,
+        "conditioning_images": torch.stack([s["conditioning"] for s in samples])
+        if samples[0]["conditioning"] is not None else None,
+        "network_multipliers": torch.tensor([item.subset.network_multiplier for item in items], dtype=torch.float32),
+        "original_sizes_hw": torch.tensor([s["original_hw"] for s in samples]),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
+        "target_sizes_hw": torch.tensor([(item.bucket[1], item.bucket[0]) for item in items]),
+        "image_paths": [str(item.path) for item in items],
+    }  # fmt: skip
+
+
+def _cached_text(item: ImageItem) -> dict | None:
+    if item.text is not None:
+        return item.text
+    if item.text_npz is not None:
+        return load_text(item.text_npz, tuple(item.extra["text_keys"]))
+    return None
+
+
+def _sample(item: ImageItem, options: DatasetOptions, rng: random.Random) -> dict:
+    subset = item.subset
+    flip = subset.flip_aug and rng.random() < 0.5
+    sample = {"latents": None, "image": None, "alpha": None, "conditioning": None,
+              "original_hw": (item.size[1], item.size[0]), "hw": (item.bucket[1], item.bucket[0])}  # fmt: skip
+    cached = item.latents
+    if cached is None and item.latents_npz is not None:
+        cached = load_latents(item.latents_npz, item.extra["latent_size"])
+    if cached is not None:
+        latents = cached.flipped if flip else cached.latents
+        sample["latents"] = torch.from_numpy(np.ascontiguousarray(latents))
+        if subset.alpha_mask and cached.alpha_mask is not None:
+            mask = cached.alpha_mask[:, ::-1] if flip else cached.alpha_mask
+            sample["alpha"] = torch.from_numpy(np.ascontiguousarray(mask))
+        left, top = cached.crop_ltrb[:2]
+        sample["crop_top_left"] = (top, left)
+    else:
+        image, crop = resize_and_crop(load_image(item.path, with_alpha=subset.alpha_mask), item.bucket,
+                                      item.resized_size, random_crop=subset.random_crop, rng=rng,
+                                      interpolation=subset.resize_interpolation)  # fmt: skip
+        if flip:
+            image = _flip(image)
+        if subset.color_aug:
+            image = color_augment(image, rng)
+        pixels, alpha = to_tensor(image)
+        sample.update(image=pixels, alpha=alpha, crop_top_left=crop)
+    if item.conditioning_path is not None:
+        sample["conditioning"] = _conditioning_image(item, sample["crop_top_left"], flip)
+    return sample
+
+
+def _conditioning_image(item: ImageItem, crop_top_left: tuple[int, int], flip: bool) -> torch.Tensor:
+    """The mask/conditioning image resized like its training image and cropped at the same place."""
+    image = load_image(item.conditioning_path)
+    pil = Image.fromarray(image.pixels).resize(item.resized_size, Image.Resampling.LANCZOS)
+    top, left = crop_top_left
+    pil = pil.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
+    pixels, _ = to_tensor(LoadedImage(np.asarray(pil), None))
+    return pixels.flip(-1) if flip else pixels
+
+
+def _flip(image: LoadedImage) -> LoadedImage:
+    alpha = None if image.alpha is None else np.ascontiguousarray(image.alpha[:, ::-1])
+    return LoadedImage(np.ascontiguousarray(image.pixels[:, ::-1]), alpha)
+
+
+def color_augment(image: LoadedImage, rng: random.Random) -> LoadedImage:
+    """upstream's color_aug: a third of the time, either a hue shift of up to 8/180 of a turn or a gamma in
+    [0.95, 1.05]."""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        hsv = np.asarray(Image.fromarray(image.pixels).convert("HSV")).copy()
+        shift = rng.uniform(-8, 8) / 180 * 256
+        hsv[..., 0] = ((hsv[..., 0].astype(np.float32) + shift) % 256).astype(np.uint8)
+        pixels = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    else:
+        gamma = rng.uniform(0.95, 1.05)
+        pixels = np.clip(image.pixels.astype(np.float32) ** gamma, 0, 255).astype(np.uint8)
+    return LoadedImage(pixels, image.alpha)

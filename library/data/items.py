@@ -1,0 +1,176 @@
+"""The images of a subset, with their captions and sizes: DreamBooth folders (caption files beside the images),
+fine-tune metadata files (json / jsonl) and ControlNet pairs; plus upstream's balancing of regularization images."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.data.captions import read_caption_file
+from library.data.config import SubsetConfig
+from library.data.images import IMAGE_EXTENSIONS, list_images, read_image_size
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ImageItem:
+    """One training image as a dataset sees it (one per subset entry, shared by nothing else)."""
+
+    path: Path
+    size: tuple[int, int]  # (w, h) with EXIF orientation applied
+    caption: str  # raw, before per-step processing
+    subset: SubsetConfig
+    num_repeats: int
+    conditioning_path: Path | None = None
+    bucket: tuple[int, int] = (0, 0)  # (w, h), set by the dataset
+    resized_size: tuple[int, int] = (0, 0)
+    latents: object = None  # CachedLatents in memory, when cached without --cache_latents_to_disk
+    latents_npz: Path | None = None  # disk cache to read, when cached with --cache_latents_to_disk
+    text: dict | None = None  # text-encoder outputs in memory
+    text_npz: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_reg(self) -> bool:
+        return self.subset.is_reg
+
+
+def _dreambooth_items(subset: SubsetConfig) -> tuple[list[ImageItem], list[Path]]:
+    items, missing = [], []
+    for path in list_images(subset.image_dir):
+        caption_file = path.with_suffix(subset.caption_extension)
+        if caption_file.is_file():
+            caption = read_caption_file(caption_file)
+            if not subset.caption.enable_wildcard:
+                caption = caption.split("\n", 1)[0].strip()  # upstream uses the first line only
+        else:
+            caption = subset.class_tokens or ""
+            missing.append(path)
+        items.append(ImageItem(path, read_image_size(path), caption, subset, subset.num_repeats))
+    return items, missing
+
+
+def _load_metadata(subset: SubsetConfig) -> dict[str, dict]:
+    path = subset.metadata_file
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".jsonl":
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return {e["image_path"]: {k: v for k, v in e.items() if k != "image_path"} for e in entries}
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{subset.where}: metadata_file {path} cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{subset.where}: metadata_file {path} is not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise UserError(f"{subset.where}: metadata_file {path}: every jsonl line needs an 'image_path'") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{subset.where}: metadata_file {path} must map image paths to {{'caption': ...}}")
+    return data
+
+
+def _metadata_image_path(subset: SubsetConfig, key: str) -> Path:
+    path = Path(key)
+    if not path.is_absolute():
+        if subset.image_dir is None:
+            raise UserError(f"{subset.where}: metadata_file {subset.metadata_file} has the relative image path "
+                            f"'{key}'; set image_dir in the subset")  # fmt: skip
+        path = subset.image_dir / key
+    if path.is_file():
+        return path
+    for ext in IMAGE_EXTENSIONS:  # older metadata files key images by their name without extension
+        candidate = path.with_name(path.name + ext)
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{subset.where}: metadata_file {subset.metadata_file} names '{key}', but {path} does not exist")
+
+
+def _finetune_items(subset: SubsetConfig) -> tuple[list[ImageItem], list[Path]]:
+    items, missing = [], []
+    separator = subset.caption.caption_separator
+    for key, entry in _load_metadata(subset).items():
+        if not isinstance(entry, dict):
+            raise UserError(
+                f"{subset.where}: metadata_file {subset.metadata_file}: the entry for '{key}' is not a table"
+            )
+        path = _metadata_image_path(subset, key)
+        caption, tags = entry.get("caption") or "", entry.get("tags")
+        if tags:
+            if subset.caption.enable_wildcard:
+                tags = tags.replace("\n", separator)
+                lines = [line for line in caption.split("\n") if line.strip()] or [""]
+                caption = "\n".join(f"{line}{separator}{tags}" if line else tags for line in lines)
+            else:
+                caption = f"{caption}{separator}{tags}" if caption else tags
+        if not caption:
+            missing.append(path)
+        size = entry.get("image_size") or entry.get("resolution")
+        size = tuple(int(v) for v in size) if size else read_image_size(path)
+        items.append(ImageItem(path, size, caption, subset, subset.num_repeats))
+    return items, missing
+
+
+def _attach_conditioning(subset: SubsetConfig, items: list[ImageItem]) -> None:
+    by_stem = {p.stem: p for p in list_images(subset.conditioning_data_dir)}
+    missing = [item.path.name for item in items if item.path.stem not in by_stem]
+    if missing:
+        raise UserError(f"{subset.where}: conditioning_data_dir {subset.conditioning_data_dir} has no image named like "
+                        f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))  # fmt: skip
+    for item in items:
+        item.conditioning_path = by_stem[item.path.stem]
+
+
+def subset_items(subset: SubsetConfig) -> list[ImageItem]:
+    """The subset's images with captions and sizes (read from headers); warns once about missing captions."""
+    items, missing = _finetune_items(subset) if subset.metadata_file else _dreambooth_items(subset)
+    if subset.conditioning_data_dir:
+        _attach_conditioning(subset, items)
+    source = subset.metadata_file or subset.image_dir
+    if not items:
+        logger.warning("%s: no images in %s", subset.where, source)
+    if missing:
+        fallback = f"the class tokens '{subset.class_tokens}'" if subset.class_tokens else "an empty caption"
+        logger.warning("%s: %d of %d images in %s have no caption (%s file); using %s, e.g. for %s", subset.where,
+                       len(missing), len(items), source, subset.caption_extension if not subset.metadata_file
+                       else "metadata", fallback, missing[0].name)  # fmt: skip
+    logger.info("%s: %d images in %s, %d repeats", subset.where, len(items), source, subset.num_repeats)
+    return items
+
+
+def balance_regularization(train: list[ImageItem], reg: list[ImageItem]) -> list[ImageItem]:
+    """Upstream's balancing: regularization images are used (cycling, repeats raised one at a time) until they
+    count as many as the training images with repeats; extra regularization images are left out."""
+    num_train = sum(item.num_repeats for item in train)
+    if not reg:
+        return []
+    if num_train == 0:
+        return reg
+    used: list[ImageItem] = []
+    count, first_pass = 0, True
+    while count < num_train:
+        for item in reg:
+            if first_pass:
+                used.append(item)
+                count += item.num_repeats
+            else:
+                item.num_repeats += 1
+                count += 1
+            if count >= num_train:
+                break
+        first_pass = False
+    return used
+
+
+def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    """Per image folder, how often each comma-separated tag (lower-cased) occurs in the captions, as upstream's
+    ss_tag_frequency."""
+    result: dict[str, Counter] = {}
+    for item in items:
+        folder = (item.subset.image_dir or item.path.parent).name
+        result.setdefault(folder, Counter()).update(t.strip().lower() for t in item.caption.split(",") if t.strip())
+    return {folder: dict(counts) for folder, counts in result.items()}

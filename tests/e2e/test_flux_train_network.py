@@ -1,0 +1,222 @@
+"""flux_train_network.py through its real command line on tiny FLUX.1 checkpoints and generated or bundled images:
+upstream's README command, the loss on an overfit set, resume, samples, caches and the pre-cache tools, metadata,
+LoRA files diffusers reads, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, run_script, write_images, write_toml
+
+
+def model_args(models: dict[str, Path], schnell: bool = False) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(models["flux_schnell" if schnell else "flux_dev"]),
+        "--clip_l", str(models["clip_l"]), "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]),
+    ]  # fmt: skip
+
+
+def tiny_dataset(tmp_path: Path) -> Path:
+    """The bundled example set, copied so caches are written beside the copies; returns its config."""
+    images = tmp_path / "tiny_dataset"
+    shutil.copytree(REPO / "examples" / "tiny_dataset", images)
+    text = (REPO / "examples" / "tiny_dataset.toml").read_text(encoding="utf-8")
+    return write_toml(tmp_path / "tiny_dataset.toml", text.replace('"examples/tiny_dataset"', f"'{images}'"))
+
+
+def train(models, out: Path, config: Path, *extra: str, steps: int = 4, script: str = "flux_train_network.py"):
+    args = [
+        *model_args(models), "--dataset_config", str(config), "--output_dir", str(out), "--output_name", "lora",
+        "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-3",
+        "--max_train_steps", str(steps), "--seed", "42", "--t5xxl_max_token_length", "16",
+        "--network_train_unet_only", *extra,
+    ]  # fmt: skip
+    return run_script(script, *args)
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_upstream_readme_command_trains_and_saves(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "bf16",
+        "--num_cpu_threads_per_process", "1", "flux_train_network.py", *model_args(tiny_models),
+        "--cache_latents_to_disk", "--save_model_as", "safetensors", "--sdpa", "--persistent_data_loader_workers",
+        "--max_data_loader_n_workers", "2", "--seed", "42", "--gradient_checkpointing", "--mixed_precision", "bf16",
+        "--save_precision", "bf16", "--network_module", "networks.lora_flux", "--network_dim", "4",
+        "--network_train_unet_only", "--optimizer_type", "adamw8bit", "--learning_rate", "1e-4",
+        "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk", "--fp8_base", "--highvram",
+        "--max_train_epochs", "4", "--save_every_n_epochs", "1", "--dataset_config", str(config),
+        "--output_dir", str(out), "--output_name", "flux-lora-name", "--timestep_sampling", "shift",
+        "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw", "--guidance_scale", "1.0",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = sorted(p.name for p in out.glob("*.safetensors"))
+    assert saved == [f"flux-lora-name-{e:06d}.safetensors" for e in (1, 2, 3)] + ["flux-lora-name.safetensors"]
+    final = out / "flux-lora-name.safetensors"
+    tensors = load_file(final)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    meta = metadata_of(final)
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_network_dim"] == "4"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_num_train_images"] == "8" and meta["ss_epoch"] == "4"
+    assert meta["ss_steps"] == str(4 * int(meta["ss_num_batches_per_epoch"]))
+    assert json.loads(meta["ss_datasets"])[0]["subsets"][0]["num_repeats"] == 2
+    images = tmp_path / "tiny_dataset"
+    assert (images / "red_circle_0064x0064_flux.npz").exists() and (images / "red_circle_flux_te.npz").exists()
+    assert "trainable parameters" in result.stderr and "bucket" in result.stderr  # the start-up summary
+    assert "steps" in result.stderr  # the progress bar
+
+
+def _losses(logging_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(logging_dir.rglob("events.out.tfevents.*"))
+    assert files, f"no tensorboard events under {logging_dir}"
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("loss/current")]
+
+
+def test_overfitting_a_few_images_the_loss_falls_and_is_logged(tiny_models, tmp_path):
+    write_images(tmp_path / "img", [(64, 64)] * 2, ["a red thing", "a blue thing"])
+    config = write_toml(
+        tmp_path / "d.toml",
+        f"""
+[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "img"}'
+  caption_extension = ".txt"
+""",
+    )
+    steps = 60
+    result = train(tiny_models, tmp_path / "out", config, "--learning_rate", "1e-2", "--network_dim", "8",
+                   "--cache_latents", "--cache_text_encoder_outputs", "--timestep_sampling", "sigmoid",
+                   "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"), steps=steps)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(tmp_path / "logs")
+    assert len(losses) == steps
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resume_from_a_state_gives_the_uninterrupted_lora(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    common = ("--save_every_n_steps", "3", "--save_state", "--flip_aug")
+    full = train(tiny_models, tmp_path / "full", config, *common, steps=6)
+    assert full.returncode == 0, full.stderr[-3000:]
+    state = tmp_path / "full" / "lora-step00000003-state"
+    assert state.is_dir()
+    resumed = train(tiny_models, tmp_path / "resumed", config, *common, "--resume", str(state), steps=6)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(tmp_path / "full" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_text_encoder_lora_samples_and_diffusers_reads_the_file(tiny_models, tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    config = tiny_dataset(tmp_path)
+    out = tmp_path / "out"
+    result = run_script(
+        "flux_train_network.py", *model_args(tiny_models), "--dataset_config", str(config), "--output_dir", str(out),
+        "--output_name", "te", "--network_module", "networks.lora_flux", "--network_dim", "4", "--network_args",
+        "train_t5xxl=True", "--max_train_steps", "3", "--seed", "1", "--t5xxl_max_token_length", "16",
+        "--sample_prompts", str(REPO / "examples" / "tiny_prompts.txt"), "--sample_every_n_steps", "2",
+        "--sample_at_first", "--text_encoder_lr", "1e-4", "5e-5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(out / "te.safetensors")
+    prefixes = {k.split("_")[1] for k in tensors}
+    assert prefixes == {"unet", "te1", "te3"}
+    samples = sorted((out / "sample").glob("*.png"))
+    assert len(samples) == 3  # at first, step 2, and the end (step 3)
+    unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(unet_only))
+    assert converted and all(k.startswith("transformer.") for k in converted)
+
+
+def test_precache_tools_fill_the_caches_training_reuses(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    images = tmp_path / "tiny_dataset"
+    common = [*model_args(tiny_models), "--dataset_config", str(config), "--t5xxl_max_token_length", "16"]
+    latents = run_script("tools/cache_latents.py", *common, "--vae_batch_size", "2")
+    assert latents.returncode == 0, latents.stderr[-3000:]
+    text = run_script("tools/cache_text_encoder_outputs.py", *common, "--apply_t5_attn_mask")
+    assert text.returncode == 0, text.stderr[-3000:]
+    npz = sorted(p.name for p in images.glob("*.npz"))
+    assert len(npz) == 8, npz
+    stamps = {p: p.stat().st_mtime_ns for p in images.glob("*.npz")}
+    result = train(tiny_models, tmp_path / "out", config, "--cache_latents_to_disk", "--apply_t5_attn_mask",
+                   "--cache_text_encoder_outputs_to_disk", steps=2)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in images.glob("*.npz")} == stamps  # reused, not rewritten
+    changed = train(tiny_models, tmp_path / "out2", config, "--cache_latents_to_disk",
+                    "--cache_text_encoder_outputs_to_disk", steps=1)  # fmt: skip
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "apply_t5_attn_mask" in changed.stderr and "making it again" in changed.stderr
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("[[datasets]]\nresolutoin = 64\n[[datasets.subsets]]\nimage_dir = '{img}'\n", ["datasets[0]", "resolutoin"]),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{img}/missing'\n", ["datasets[0].subsets[0]", "missing"]),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{img}'\nnum_repeats = 'ten'\n", ["num_repeats"]),
+    ],
+    ids=["unknown-key", "missing-folder", "wrong-type"],
+)
+def test_bad_dataset_configs_fail_before_loading_models(tmp_path, toml, expected):
+    write_images(tmp_path / "img", [(64, 64)])
+    config = write_toml(tmp_path / "bad.toml", toml.format(img=tmp_path / "img"))
+    missing = {role: tmp_path / "nope.safetensors" for role in ("flux_dev", "clip_l", "t5xxl", "ae")}
+    line = _one_line_error(train(missing, tmp_path / "out", config, "--resolution", "64"))
+    for part in [str(config.name), *expected]:
+        assert part in line, line
+
+
+def test_missing_sample_prompts_is_an_error_at_start(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    result = train(tiny_models, tmp_path / "out", config, "--sample_prompts", str(tmp_path / "nope.txt"),
+                   "--sample_every_n_steps", "1")  # fmt: skip
+    assert "nope.txt" in _one_line_error(result)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_debug_dataset_needs_no_models(tmp_path):
+    config = tiny_dataset(tmp_path)
+    missing = {role: tmp_path / "nope.safetensors" for role in ("flux_dev", "clip_l", "t5xxl", "ae")}
+    result = train(missing, tmp_path / "out", config, "--debug_dataset", "--debug_dataset_dir", str(tmp_path / "dbg"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shp a red circle on a white background" in result.stdout
+    assert len(list((tmp_path / "dbg").glob("*.png"))) == 8
