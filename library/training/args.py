@@ -106,6 +106,10 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None)
 
 
+METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "trigger_phrase", "thumbnail",
+                   "merged_from", "preprocessor")  # fmt: skip
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None)
@@ -124,6 +128,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_data_loader_n_workers", type=int, default=8)
     g.add_argument("--persistent_data_loader_workers", action="store_true")
     g.add_argument("--sdpa", action="store_true", help="scaled dot-product attention (always used)")
+    for name, reason in ALWAYS_ON.items():
+        g.add_argument(f"--{name}", action="store_true", help=f"accepted for compatibility: {reason}")
     g.add_argument("--highvram", action="store_true", help="keep cached latents on the GPU")
     g.add_argument("--device", type=str, default=None, help="cuda, cpu (default: cuda if available)")
 
@@ -146,8 +152,9 @@ def add_saving_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--initial_epoch", type=int, default=None)
     g.add_argument("--no_metadata", action="store_true", help="write no ss_*/modelspec metadata")
     g.add_argument("--training_comment", type=str, default=None)
-    for field in ("title", "author", "description", "license", "tags", "usage_hint", "trigger_phrase"):
+    for field in METADATA_FIELDS:
         g.add_argument(f"--metadata_{field}", type=str, default=None, help=f"modelspec.{field}")
+    g.add_argument("--metadata_is_negative_embedding", action="store_true", help="modelspec.is_negative_embedding")
 
 
 def add_sample_args(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +222,55 @@ UNSUPPORTED = {
     "adaptive_noise_scale": "is not supported for flow-matching training",
     "weighted_captions": "is not supported for T5 prompts",
     "split_mode": "is deprecated upstream; use --blocks_to_swap",
+    "multires_noise_discount": "belongs to --multires_noise_iterations, which does not apply to flow matching",
+    "dataset_class": "(a custom dataset class) is not supported; use a dataset config",
+    "support_dreambooth": "is an option of upstream's config_util self-test",
+    "support_finetuning": "is an option of upstream's config_util self-test",
+    "support_controlnet": "is an option of upstream's config_util self-test",
+    "support_dropout": "is an option of upstream's config_util self-test",
+    "tokenizer_cache_dir": "is not needed: tokenizers ship with the suite (see --clip_l_tokenizer / --t5xxl_tokenizer)",
+    "huggingface_repo_id": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
+    "huggingface_repo_type": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
+    "huggingface_path_in_repo": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
+    "huggingface_token": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
+    "huggingface_repo_visibility": "(uploading to the Hugging Face Hub) is not implemented; upload the files yourself",
+    "save_state_to_huggingface": "(uploading to the Hugging Face Hub) is not implemented; upload the files yourself",
+    "resume_from_huggingface": "(downloading a state from the Hub) is not implemented; download it and use --resume",
+    "async_upload": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
+    "blocks_to_swap": "is not implemented yet (block swap comes with full fine-tuning); use --fp8_base to save memory",
+    "cpu_offload_checkpointing": "is not implemented yet (it comes with block swap and full fine-tuning)",
+    "fused_backward_pass": "is not implemented yet (it comes with full fine-tuning)",
+    "fp16_master_weights_and_gradients": "is not implemented yet (it comes with full fine-tuning)",
+    "deepspeed": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "zero_stage": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "offload_optimizer_device": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "offload_optimizer_nvme_path": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "offload_param_device": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "offload_param_nvme_path": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "zero3_init_flag": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "zero3_save_16bit_model": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
+    "ddp_timeout": "is not implemented yet (it comes with multi-GPU training)",
+    "ddp_gradient_as_bucket_view": "is not implemented yet (it comes with multi-GPU training)",
+    "ddp_static_graph": "is not implemented yet (it comes with multi-GPU training)",
+    "torch_compile": "is not implemented yet",
+    "dynamo_backend": "is not implemented yet",
+    "base_weights": "(merging LoRAs into the base before training) is not implemented yet",
+    "base_weights_multiplier": "(merging LoRAs into the base before training) is not implemented yet",
+    "scale_weight_norms": "(max-norm regularization of LoRA weights) is not implemented yet",
+    "controlnet_model_name_or_path": "(training a LoRA with a ControlNet) is not implemented yet",
+    "save_n_epoch_ratio": "is not implemented; use --save_every_n_epochs",
+    "validation_split": "(validation loss) is not implemented yet",
+    "validation_seed": "(validation loss) is not implemented yet",
+    "validate_every_n_steps": "(validation loss) is not implemented yet",
+    "validate_every_n_epochs": "(validation loss) is not implemented yet",
+    "max_validation_steps": "(validation loss) is not implemented yet",
+}
+
+# Upstream options accepted because what they ask for is what this suite always does.
+ALWAYS_ON = {
+    "use_safetensors": "models are always saved as safetensors",
+    "disable_mmap_load_safetensors": "checkpoints are read tensor by tensor, never mapped as a whole",
+    "lowram": "models are loaded straight onto their device",
 }
 
 

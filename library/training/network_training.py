@@ -156,10 +156,15 @@ def _training_metadata(args: argparse.Namespace, family: FluxFamily, group, opti
     meta.update(modelspec_metadata(
         architecture=modelspec_architecture("flux", family.variant, "lora"), implementation=FLUX_IMPLEMENTATION,
         title=args.metadata_title or f"{args.output_name or 'LoRA'}@{int(started)}", resolution=(width, height),
-        timestamp=started, extra={f: getattr(args, f"metadata_{f}") for f in
-                                  ("author", "description", "license", "tags", "usage_hint", "trigger_phrase")},
+        timestamp=started, extra=_modelspec_extra(args),
     ))  # fmt: skip
     return stringify(meta)
+
+
+def _modelspec_extra(args: argparse.Namespace) -> dict[str, str | None]:
+    extra = {f: getattr(args, f"metadata_{f}") for f in training_args.METADATA_FIELDS if f != "title"}
+    extra["is_negative_embedding"] = "True" if args.metadata_is_negative_embedding else None
+    return extra
 
 
 def _network_args_dict(entries: list[str] | None) -> dict[str, str] | None:

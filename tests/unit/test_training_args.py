@@ -83,3 +83,20 @@ def test_unsupported_upstream_flag_is_an_error():
 @pytest.mark.parametrize("text,value", [("100", 100), ("0.1", 0.1), ("10%", 0.1)])
 def test_int_or_float(text, value):
     assert training_args.int_or_float(text) == pytest.approx(value)
+
+
+def test_every_upstream_option_is_accepted_or_rejected_with_a_reason():
+    """The inventory of upstream's flux_train_network.py options: each one parses here or is an explicit error."""
+    from pathlib import Path
+
+    from library.training.network_training import build_flux_network_parser
+
+    inventory = Path(__file__).resolve().parents[2] / "docs" / "reference" / "upstream_flux_train_network_options.txt"
+    upstream = {line.split()[0][2:] for line in inventory.read_text().splitlines() if line.startswith("--")}
+    parser = build_flux_network_parser()
+    ours = {action.dest for action in parser._actions}
+    missing = sorted(upstream - ours)
+    assert not missing, f"upstream options neither supported nor rejected: {missing}"
+    for name in sorted(upstream & set(training_args.UNSUPPORTED)):
+        with pytest.raises(UserError, match=f"--{name} "):
+            parser.parse_args([f"--{name}"])
