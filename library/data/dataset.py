@@ -29,7 +29,7 @@ from library.data.encode_caches import (
     cache_latents,
     cache_text_encoder_outputs,
 )  # fmt: skip
-from library.data.images import LoadedImage, load_image, resize_and_crop, to_tensor
+from library.data.images import LoadedImage, face_crop, face_position, load_image, resize_and_crop, to_tensor
 from library.data.items import ImageItem, balance_regularization, subset_items, tag_frequency
 from library.errors import UserError
 
@@ -159,10 +159,15 @@ class ImageDataset:
         assigner = BucketAssigner(settings)
         self.buckets: dict[tuple[int, int], list[ImageItem]] = {}
         for item in items:
-            item.bucket, item.resized_size = assigner.assign(item.size)
+            try:
+                item.bucket, item.resized_size = assigner.assign(item.size)
+            except ValueError as e:
+                raise UserError(f"{config.where}: image {item.path} is too small for a bucket ({e}); remove it or "
+                                "turn off bucket_no_upscale") from None  # fmt: skip
             if item.bucket[0] % latent_multiple or item.bucket[1] % latent_multiple:
                 raise UserError(f"{config.where}: {item.path} falls in bucket {item.bucket}, not a multiple of "
                                 f"{latent_multiple}; set bucket_reso_steps to a multiple of {latent_multiple}")  # fmt: skip
+            item.extra["face_crop"] = not config.enable_bucket and item.subset.face_crop_aug_range is not None
             self.buckets.setdefault(item.bucket, []).extend([item] * item.num_repeats)
         self.buckets = dict(sorted(self.buckets.items()))
         self.num_batches = sum(math.ceil(len(entries) / config.batch_size) for entries in self.buckets.values())
@@ -393,6 +398,9 @@ def build_dataset_group(options: DatasetOptions) -> DatasetGroup:
         raise UserError("no training images: give --dataset_config or --train_data_dir")
     datasets = []
     for config in configs:
+        if config.enable_bucket and any(s.face_crop_aug_range for s in config.subsets):
+            logger.warning("%s: face_crop_aug_range works only without enable_bucket (as upstream); it is not used",
+                           config.where)  # fmt: skip
         if config.kind == "controlnet" and not options.masked_loss:
             raise UserError(f"{config.where}: conditioning_data_dir subsets are mask images for --masked_loss here; "
                             "add --masked_loss (ControlNet training uses flux_train_control_net.py)")  # fmt: skip
@@ -469,9 +477,15 @@ def _sample(item: ImageItem, options: DatasetOptions, rng: random.Random) -> dic
         left, top = cached.crop_ltrb[:2]
         sample["crop_top_left"] = (top, left)
     else:
-        image, crop = resize_and_crop(load_image(item.path, with_alpha=subset.alpha_mask), item.bucket,
-                                      item.resized_size, random_crop=subset.random_crop, rng=rng,
-                                      interpolation=subset.resize_interpolation)  # fmt: skip
+        image = load_image(item.path, with_alpha=subset.alpha_mask)
+        face = face_position(item.path) if subset.face_crop_aug_range and item.extra.get("face_crop") else None
+        if face is not None:
+            image, crop = face_crop(image, item.bucket, face, subset.face_crop_aug_range,
+                                    random_crop=subset.random_crop, rng=rng,
+                                    interpolation=subset.resize_interpolation)  # fmt: skip
+        else:
+            image, crop = resize_and_crop(image, item.bucket, item.resized_size, random_crop=subset.random_crop,
+                                          rng=rng, interpolation=subset.resize_interpolation)  # fmt: skip
         if flip:
             image = _flip(image)
         if subset.color_aug:

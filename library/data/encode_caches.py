@@ -66,7 +66,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 def check_latents_cacheable(items: list[ImageItem]) -> None:
     for item in items:
-        for key in ("color_aug", "random_crop"):
+        for key in ("color_aug", "random_crop", "face_crop_aug_range"):
             if getattr(item.subset, key):
                 raise UserError(f"{item.subset.where}: {key} changes the image every epoch, so it cannot be used with "
                                 "--cache_latents / --cache_latents_to_disk; turn one of them off")  # fmt: skip

@@ -13,6 +13,7 @@ from library.data.captions import read_caption_file
 from library.data.config import SubsetConfig
 from library.data.images import IMAGE_EXTENSIONS, list_images, read_image_size
 from library.errors import UserError
+from library.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +41,71 @@ class ImageItem:
         return self.subset.is_reg
 
 
+INFO_CACHE_FILE = "metadata_cache.json"  # upstream's cache_info file, in the image folder
+
+
+def _caption_file(path: Path, extension: str) -> Path | None:
+    """``<stem><extension>``; for upstream's face-annotated names (``name_cx_cy_w_h``) also ``name<extension>``."""
+    candidates = [path.with_suffix(extension)]
+    tokens = path.stem.split("_")
+    if len(tokens) >= 5:
+        candidates.append(path.with_name("_".join(tokens[:-4]) + extension))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _read_info_cache(subset: SubsetConfig, paths: list[Path]) -> dict[str, dict] | None:
+    """cache_info: sizes and captions from the folder's metadata_cache.json, when it lists exactly these images."""
+    cache = subset.image_dir / INFO_CACHE_FILE
+    if not cache.is_file():
+        logger.info("%s: no %s yet; reading the images and writing it", subset.where, cache)
+        return None
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8"))
+        if set(entries) != {str(p) for p in paths}:
+            logger.warning("%s: %s lists other images than the folder has; making it again", subset.where, cache)
+            return None
+        for entry in entries.values():
+            width, height = entry["resolution"]
+            if not (isinstance(entry["caption"], str) and int(width) > 0 and int(height) > 0):
+                raise ValueError("bad entry")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logger.warning("%s: %s is unreadable (%s); making it again", subset.where, cache, e)
+        return None
+
+
+def _write_info_cache(subset: SubsetConfig, items: list[ImageItem]) -> None:
+    entries = {str(i.path): {"caption": i.caption, "resolution": list(i.size)} for i in items}
+    text = json.dumps(entries, ensure_ascii=False, indent=2)
+    atomic_write(subset.image_dir / INFO_CACHE_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def _dreambooth_items(subset: SubsetConfig) -> tuple[list[ImageItem], list[Path]]:
     items, missing = [], []
-    for path in list_images(subset.image_dir):
-        caption_file = path.with_suffix(subset.caption_extension)
-        if caption_file.is_file():
+    paths = list_images(subset.image_dir)
+    cached = _read_info_cache(subset, paths) if subset.cache_info else None
+    for path in paths:
+        if cached is not None:
+            entry = cached[str(path)]
+            caption, size = entry["caption"], tuple(int(v) for v in entry["resolution"])
+            if not caption:
+                missing.append(path)
+                caption = subset.class_tokens or ""
+            items.append(ImageItem(path, size, caption, subset, subset.num_repeats))
+            continue
+        caption_file = _caption_file(path, subset.caption_extension)
+        if caption_file is not None:
             caption = read_caption_file(caption_file)
             if not subset.caption.enable_wildcard:
                 caption = caption.split("\n", 1)[0].strip()  # upstream uses the first line only
         else:
+            caption = ""
+        if not caption:
             caption = subset.class_tokens or ""
             missing.append(path)
         items.append(ImageItem(path, read_image_size(path), caption, subset, subset.num_repeats))
+    if subset.cache_info and cached is None:
+        _write_info_cache(subset, items)
     return items, missing
 
 
