@@ -503,7 +503,7 @@ def _conditioning_image(item: ImageItem, crop_top_left: tuple[int, int], flip: b
     pil = Image.fromarray(image.pixels).resize(item.resized_size, Image.Resampling.LANCZOS)
     top, left = crop_top_left
     pil = pil.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
-    pixels, _ = to_tensor(LoadedImage(np.asarray(pil), None))
+    pixels, _ = to_tensor(LoadedImage(np.array(pil), None))
     return pixels.flip(-1) if flip else pixels
 
 

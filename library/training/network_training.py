@@ -261,8 +261,11 @@ def run_network_training(args: argparse.Namespace) -> TrainState:
         scheduler_args=args.lr_scheduler_args,
     )  # fmt: skip
     workers = max(0, args.max_data_loader_n_workers)
+    # the loader's own generator: starting an iterator (each epoch, and again on resume) must not draw from the
+    # global torch RNG the noise comes from, or a resumed run would see other noise than an uninterrupted one
     loader = DataLoader(group, batch_size=1, sampler=group.sampler(), collate_fn=_first, num_workers=workers,
-                        persistent_workers=args.persistent_data_loader_workers and workers > 0)  # fmt: skip
+                        persistent_workers=args.persistent_data_loader_workers and workers > 0,
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
     network, optimizer, loader, scheduler = accelerator.prepare(network, optimizer, loader, scheduler)
     if accelerator.is_main_process and args.log_with:
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_tracker_config(args))
