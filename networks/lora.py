@@ -501,6 +501,9 @@ class LoRANetwork(nn.Module):
             groups, kinds = _param_groups(self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
             params += groups
             descriptions += ["unet" + (" " + k if k else "") for k in kinds]
+        if not params:
+            raise UserError("nothing to train: every learning rate is 0 (--learning_rate, --unet_lr, "
+                            "--text_encoder_lr); give a positive one")  # fmt: skip
         return params, descriptions
 
     prepare_optimizer_params_with_multiple_te_lrs = prepare_optimizer_params

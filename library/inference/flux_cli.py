@@ -178,7 +178,7 @@ def run_flux_inference(args: argparse.Namespace) -> Path:
         "FLUX.1 %s on %s, %dx%d, %d steps, guidance %s, seed %d", model.params.variant, device, args.width,
         args.height, settings.steps_for(is_schnell), args.guidance, seed,
     )  # fmt: skip
-    with on_device(clip_l, device, args.offload), on_device(t5, device, args.offload):
+    with on_device(clip_l, device, args.offload), on_device(t5, device, args.offload), torch.no_grad():
         cond = encoder.encode([args.prompt], device)
         negative = encoder.encode([args.negative_prompt or ""], device) if args.cfg_scale != 1.0 else None
     with on_device(model, device, args.offload):

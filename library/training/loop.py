@@ -149,8 +149,10 @@ def _due(step_or_epoch: int, every: int | None) -> bool:
 def save_model(run: TrainingRun, path: Path, state: TrainState, kind: str, number: int) -> None:
     if not run.accelerator.is_main_process:
         return
-    metadata = dict(run.metadata, ss_steps=str(state.global_step), ss_epoch=str(state.epoch),
-                    ss_training_finished_at=str(time.time()))  # fmt: skip
+    metadata = {}  # --no_metadata: nothing at all
+    if run.metadata:
+        metadata = dict(run.metadata, ss_steps=str(state.global_step), ss_epoch=str(state.epoch),
+                        ss_training_finished_at=str(time.time()))  # fmt: skip
     run.target.save(path, metadata)
     logger.info("saved %s", path)
     s = run.settings

@@ -7,6 +7,7 @@ sample prompt file. The model family is a plug (FLUX now); the loop is library/t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import time
@@ -91,6 +92,10 @@ def _accelerator(args: argparse.Namespace) -> Accelerator:
         if not args.logging_dir:
             raise UserError(f"--log_with {args.log_with} needs --logging_dir")
         log_with = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
+        for tracker in log_with:
+            package = "tensorboard" if tracker == "tensorboard" else tracker
+            if importlib.util.find_spec(package) is None:
+                raise UserError(f"--log_with {args.log_with} needs the {package} package: pip install {package}")
     return Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with, project_dir=args.logging_dir, cpu=args.device == "cpu",
@@ -125,10 +130,14 @@ def _step_counts(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int,
 
 
 def _training_metadata(args: argparse.Namespace, family: FluxFamily, group, optimizer_name: str,
-                       steps: tuple[int, int], started: float) -> dict[str, str]:  # fmt: skip
+                       steps: tuple[int, int], started: float, network) -> dict[str, str]:  # fmt: skip
     """upstream's ss_* keys and modelspec.*; secrets are never among them."""
     if args.no_metadata:
         return {}
+    dim, alpha = args.network_dim, args.network_alpha
+    if args.dim_from_weights:  # the ranks came from the file: record the largest rank and its alpha
+        largest = max(network.loras, key=lambda lora: lora.lora_dim)
+        dim, alpha = largest.lora_dim, float(largest.alpha)
     width, height = group.resolution
     meta: dict[str, object] = {
         "ss_session_id": str(int(started * 1000) % 2**31), "ss_training_started_at": started,
@@ -138,7 +147,7 @@ def _training_metadata(args: argparse.Namespace, family: FluxFamily, group, opti
         "ss_gradient_checkpointing": args.gradient_checkpointing,
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps, "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler, "ss_network_module": args.network_module,
-        "ss_network_dim": args.network_dim, "ss_network_alpha": args.network_alpha,
+        "ss_network_dim": dim, "ss_network_alpha": alpha,
         "ss_network_dropout": args.network_dropout, "ss_network_args": _network_args_dict(args.network_args),
         "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": args.full_fp16,
         "ss_base_model_version": family.base_model_version, "ss_seed": args.seed, "ss_optimizer": optimizer_name,
@@ -276,7 +285,8 @@ def run_network_training(args: argparse.Namespace) -> TrainState:
         target=NetworkTarget(accelerator.unwrap_model(network), options.train_text_encoder, save_dtype, network),
         dataset=group, loader=loader, optimizer=optimizer, scheduler=scheduler, objective=objective,
         settings=settings, naming=CheckpointNaming(Path(args.output_dir), args.output_name),
-        metadata=_training_metadata(args, family, group, optimizer_name, (max_steps, num_epochs), started),
+        metadata=_training_metadata(args, family, group, optimizer_name, (max_steps, num_epochs), started,
+                                    accelerator.unwrap_model(network)),
         weight_dtype=_weight_dtype(args), sample_prompts=prompts, sample_dir=Path(args.output_dir) / "sample",
     )  # fmt: skip
     _log_summary(

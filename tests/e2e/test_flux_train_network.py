@@ -4,6 +4,7 @@ LoRA files diffusers reads, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,12 +35,13 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_toml(tmp_path / "tiny_dataset.toml", text.replace('"examples/tiny_dataset"', f"'{images}'"))
 
 
-def train(models, out: Path, config: Path, *extra: str, steps: int = 4, script: str = "flux_train_network.py"):
+def train(models, out: Path, config: Path, *extra: str, steps: int = 4, script: str = "flux_train_network.py",
+          unet_only: bool = True):  # fmt: skip
     args = [
         *model_args(models), "--dataset_config", str(config), "--output_dir", str(out), "--output_name", "lora",
         "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-3",
         "--max_train_steps", str(steps), "--seed", "42", "--t5xxl_max_token_length", "16",
-        "--network_train_unet_only", *extra,
+        *(["--network_train_unet_only"] if unet_only else []), *extra,
     ]  # fmt: skip
     return run_script(script, *args)
 
@@ -174,6 +176,8 @@ def test_text_encoder_lora_samples_and_diffusers_reads_the_file(tiny_models, tmp
     tensors = load_file(out / "te.safetensors")
     prefixes = {k.split("_")[1] for k in tensors}
     assert prefixes == {"unet", "te1", "te3"}
+    for prefix in ("lora_te1_", "lora_te3_", "lora_unet_"):  # every part learned (up weights start at zero)
+        assert any(v.abs().max() > 0 for k, v in tensors.items() if k.startswith(prefix) and "lora_up" in k), prefix
     samples = sorted((out / "sample").glob("*.png"))
     assert len(samples) == 3  # at first, step 2, and the end (step 3)
     # diffusers splits single-block linear1 as [3072, 3072, 3072, 12288], the real width; that part is checked on a
@@ -245,3 +249,60 @@ def test_debug_dataset_needs_no_models(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shp a red circle on a white background" in result.stdout
     assert len(list((tmp_path / "dbg").glob("*.png"))) == 8
+
+
+def _tensorboard_tags(logging_dir: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for folder in {p.parent for p in logging_dir.rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        tags.update({tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    return tags
+
+
+def test_continue_from_a_lora_and_text_encoder_only(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    first = train(tiny_models, tmp_path / "first", config, "--no_metadata", steps=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "first" / "lora.safetensors"
+    assert not any(k.startswith(("ss_", "modelspec.")) for k in metadata_of(saved) or {})  # --no_metadata
+    # --network_weights with --dim_from_weights: the file's ranks, not --network_dim; a tiny lr keeps it (Adam's
+    # step is about lr in size)
+    again = train(tiny_models, tmp_path / "again", config, "--network_weights", str(saved), "--dim_from_weights",
+                  "--network_dim", "16", "--learning_rate", "1e-9", steps=1)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = load_file(saved), load_file(tmp_path / "again" / "lora.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 1e-4 for k, v in a.items() if "lora_up" in k)
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=0, atol=1e-6, msg=key)
+    zero = train(tiny_models, tmp_path / "zero", config, "--learning_rate", "0", steps=1)
+    assert "nothing to train" in _one_line_error(zero)
+    assert metadata_of(tmp_path / "again" / "lora.safetensors")["ss_network_dim"] == "4"
+    te = train(tiny_models, tmp_path / "te", config, "--network_train_text_encoder_only", steps=1, unet_only=False)
+    assert te.returncode == 0, te.stderr[-3000:]
+    te_tensors = load_file(tmp_path / "te" / "lora.safetensors")
+    assert {k.split("_")[1] for k in te_tensors} == {"te1"}
+    assert any(v.abs().max() > 0 for k, v in te_tensors.items() if "lora_up" in k)  # the text encoder learned
+
+
+def test_logging_options_and_secrets(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    secret = "SECRETKEY0123456789"
+    result = train(tiny_models, tmp_path / "out", config, "--log_with", "tensorboard", "--logging_dir",
+                   str(tmp_path / "logs"), "--log_prefix", "run1_", "--log_config", "--wandb_api_key", secret,
+                   "--initial_step", "2", "--skip_until_initial_step", "--sample_prompts",
+                   str(REPO / "examples" / "tiny_prompts.txt"), "--sample_every_n_steps", "0", steps=4)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = _tensorboard_tags(tmp_path / "logs")
+    assert tags["run1_loss/current"] == [3, 4]  # --initial_step 2: steps 3 and 4 trained, with the prefix
+    assert "sample_every_n_steps" in result.stderr and not (tmp_path / "out" / "sample").exists()
+    for path in [*tmp_path.rglob("*")]:
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stderr + result.stdout
+    if importlib.util.find_spec("wandb") is None:
+        line = _one_line_error(train(tiny_models, tmp_path / "w", config, "--log_with", "wandb", "--logging_dir",
+                                     str(tmp_path / "wl"), steps=1))  # fmt: skip
+        assert "pip install wandb" in line

@@ -50,8 +50,9 @@ class FluxTextEncoder:
         self.t5_max_length = t5_max_length
         self.apply_t5_attn_mask = apply_t5_attn_mask
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> FluxTextConditioning:
+        """Differentiable (text-encoder LoRA training needs the graph); callers that only infer wrap it in
+        ``torch.no_grad()``."""
         clip_ids, _ = tokenize(self.clip_tokenizer, prompts, CLIP_MAX_LENGTH)
         t5_ids, t5_mask = tokenize(self.t5_tokenizer, prompts, self.t5_max_length)
         l_pooled = encode_clip_l(self.clip_l, clip_ids.to(device))
