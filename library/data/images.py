@@ -56,18 +56,31 @@ def _reason(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, read without decoding pixels. For PNG only an eXIf chunk before the image data counts
+    (where the PNG spec puts it): Pillow's getexif() would decode the whole image to look for a later one."""
+    try:
+        if image.format == "PNG":
+            raw = image.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_ORIENTATION, 1))
+        if image.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+            return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block does not stop training; decoding applies what it can read
+        return 1
+    return 1
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the file header only."""
     image = _open(path)
     try:
         width, height = image.size
-        if image.format in ("JPEG", "WEBP", "TIFF", "MPO", "PNG"):
-            try:
-                orientation = image.getexif().get(_ORIENTATION, 1)
-            except Exception:  # a broken EXIF block does not stop training; the pixels decide later
-                orientation = 1
-            if orientation in _SWAPS_SIDES:
-                width, height = height, width
+        if _orientation(image) in _SWAPS_SIDES:
+            width, height = height, width
     finally:
         image.close()
     if width <= 0 or height <= 0:

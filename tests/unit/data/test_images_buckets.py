@@ -132,3 +132,12 @@ def test_face_crop_keeps_the_face_in_frame():
                                      rng=random.Random(seed))  # fmt: skip
         assert out.pixels.shape == (64, 64, 3)
         assert out.pixels[24:40, 24:40].mean() > 128  # the face is near the centre
+
+
+def test_png_exif_orientation_is_read_from_the_header(tmp_path: Path):
+    image = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 8
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert read_image_size(tmp_path / "rotated.png") == (20, 40)
+    assert load_image(tmp_path / "rotated.png").pixels.shape == (40, 20, 3)
