@@ -306,3 +306,13 @@ def test_logging_options_and_secrets(tiny_models, tmp_path):
         line = _one_line_error(train(tiny_models, tmp_path / "w", config, "--log_with", "wandb", "--logging_dir",
                                      str(tmp_path / "wl"), steps=1))  # fmt: skip
         assert "pip install wandb" in line
+
+
+def test_a_truncated_image_is_one_line_naming_it_even_from_loader_workers(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    broken = tmp_path / "tiny_dataset" / "red_circle.png"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # the header still reads: the scan passes, decoding fails
+    result = train(tiny_models, tmp_path / "out", config, "--max_data_loader_n_workers", "2", steps=4)
+    line = _one_line_error(result)
+    assert "red_circle.png" in line and "cannot be decoded" in line, line
