@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -316,3 +317,20 @@ def test_a_truncated_image_is_one_line_naming_it_even_from_loader_workers(tiny_m
     result = train(tiny_models, tmp_path / "out", config, "--max_data_loader_n_workers", "2", steps=4)
     line = _one_line_error(result)
     assert "red_circle.png" in line and "cannot be decoded" in line, line
+
+
+@pytest.mark.parametrize(("schnell", "length", "architecture"), [(False, 512, "flux-1-dev/lora"),
+                                                                  (True, 256, "flux-1-schnell/lora")])  # fmt: skip
+def test_t5_length_defaults_to_512_for_dev_and_256_for_schnell(tiny_models, tmp_path, schnell, length, architecture):
+    config = tiny_dataset(tmp_path)
+    out = tmp_path / "out"
+    result = run_script(
+        "flux_train_network.py", *model_args(tiny_models, schnell=schnell), "--dataset_config", str(config),
+        "--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora_flux",
+        "--network_dim", "4", "--network_train_unet_only", "--max_train_steps", "1",
+        "--cache_text_encoder_outputs_to_disk",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "tiny_dataset" / "red_circle_flux_te.npz") as npz:
+        assert npz["t5_out"].shape[0] == length
+    assert metadata_of(out / "lora.safetensors")["modelspec.architecture"] == architecture
