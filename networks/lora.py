@@ -218,7 +218,10 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank had shrunk
         outs = [up(h) for up, h in zip(ups, hidden)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        return out * (self.multiplier * scale)
+        multiplier = self.multiplier
+        if isinstance(multiplier, Tensor):  # one per sample (a dataset's network_multiplier), batch first
+            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
+        return out * (multiplier * scale)
 
     def _rank_mask(self, h: Tensor) -> Tensor:
         mask = torch.rand((h.size(0), self.lora_dim), device=h.device) > self.rank_dropout
@@ -370,7 +373,8 @@ class LoRANetwork(nn.Module):
             if lora.applied:
                 lora.remove()
 
-    def set_multiplier(self, multiplier: float) -> None:
+    def set_multiplier(self, multiplier: float | Tensor) -> None:
+        """One strength for every LoRA, or a [B] tensor: one per sample of the next batch."""
         self.multiplier = multiplier
         for lora in self.loras:
             lora.multiplier = multiplier

@@ -52,6 +52,9 @@ class TrainingTarget(Protocol):
 
     def set_train(self, train: bool) -> None: ...
 
+    def set_batch_multipliers(self, multipliers: Tensor | None) -> None:
+        """Per-sample strengths of a network for the next forward (targets without one ignore them)."""
+
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -118,6 +121,17 @@ def batch_loss(run: TrainingRun, batch: dict) -> Tensor:
         batch["latents"].to(device) if batch.get("latents") is not None else run.family.encode_latents(batch["images"])
     )
     latents = latents.float()
+    multipliers = batch.get("network_multipliers")
+    per_sample = multipliers is not None and bool((multipliers != 1).any())
+    run.target.set_batch_multipliers(multipliers.to(device) if per_sample else None)
+    try:
+        return _batch_loss(run, batch, latents, device)
+    finally:
+        if per_sample:
+            run.target.set_batch_multipliers(None)
+
+
+def _batch_loss(run: TrainingRun, batch: dict, latents: Tensor, device: torch.device) -> Tensor:
     text = batch.get("text")
     if text is None:
         with torch.set_grad_enabled(run.target.trains_text_encoders):

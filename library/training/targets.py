@@ -75,5 +75,10 @@ class NetworkTarget:
     def set_train(self, train: bool) -> None:
         self.module.train(train)
 
+    def set_batch_multipliers(self, multipliers: torch.Tensor | None) -> None:
+        """Per-sample network multipliers ([B], from each dataset's ``network_multiplier``) for the next
+        forward; None restores 1.0."""
+        self.network.set_multiplier(1.0 if multipliers is None else multipliers)
+
     def save(self, path: Path, metadata: dict[str, str]) -> None:
         self.network.save_weights(path, self.save_dtype, metadata)

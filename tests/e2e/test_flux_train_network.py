@@ -334,3 +334,14 @@ def test_t5_length_defaults_to_512_for_dev_and_256_for_schnell(tiny_models, tmp_
     with np.load(tmp_path / "tiny_dataset" / "red_circle_flux_te.npz") as npz:
         assert npz["t5_out"].shape[0] == length
     assert metadata_of(out / "lora.safetensors")["modelspec.architecture"] == architecture
+
+
+def test_dataset_network_multiplier_scales_what_the_lora_learns(tiny_models, tmp_path):
+    """network_multiplier = 0 for the only dataset: the LoRA gets no gradient, so it stays at its zero start."""
+    config = tiny_dataset(tmp_path)
+    config.write_text(config.read_text(encoding="utf-8").replace("batch_size = 2", "batch_size = 2\nnetwork_multiplier = 0.0"),
+                      encoding="utf-8")  # fmt: skip
+    result = train(tiny_models, tmp_path / "out", config, steps=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ups = [v for k, v in load_file(tmp_path / "out" / "lora.safetensors").items() if "lora_up" in k]
+    assert ups and all(v.abs().max() == 0 for v in ups)

@@ -149,6 +149,26 @@ def test_network_set_multiplier_and_enabled():
 
 
 @torch.no_grad()
+def test_per_sample_multipliers_weight_each_sample():
+    """A [B] multiplier (each dataset's network_multiplier) scales each sample's LoRA output on its own."""
+    flux = tiny_flux()
+    inputs = flux_inputs(batch=2)
+    base = flux(**inputs)
+    network = lora_flux.create_network(1.0, 4, 4.0, None, None, flux)
+    network.apply_to(None, flux)
+    randomize(network)
+    full = flux(**inputs)
+    network.set_multiplier(torch.tensor([0.0, 1.0]))
+    mixed = flux(**inputs)
+    torch.testing.assert_close(mixed[0], base[0])
+    torch.testing.assert_close(mixed[1], full[1])
+    network.set_multiplier(torch.tensor([0.5, 0.5]))
+    network_half = flux(**inputs)
+    network.set_multiplier(0.5)
+    torch.testing.assert_close(network_half, flux(**inputs))
+
+
+@torch.no_grad()
 def test_merge_into_base_and_unmerge():
     flux = tiny_flux()
     inputs = flux_inputs()
