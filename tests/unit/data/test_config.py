@@ -288,3 +288,15 @@ def test_folder_style_errors(tmp_path: Path):
     write_images(tmp_path / "t" / "1_x", [(64, 64)])
     with pytest.raises(UserError, match="--train_batch_size 0: expected a whole number >= 1"):
         configs_from_folders(tmp_path / "t", fallbacks={"resolution": 64, "batch_size": 0})
+
+
+def test_in_json_makes_one_fine_tune_subset(tmp_path: Path):
+    write_images(tmp_path / "train", [(64, 64)])
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"img000.png": {"caption": "x"}}), encoding="utf-8")
+    (d,) = configs_from_folders(tmp_path / "train", in_json=meta, fallbacks={"resolution": [64, 48], "num_repeats": 3})
+    (s,) = d.subsets
+    assert d.kind == "finetune" and d.resolution == (64, 48)
+    assert s.metadata_file == meta and s.image_dir == tmp_path / "train" and s.num_repeats == 3
+    with pytest.raises(UserError, match="--in_json .*nope.json does not exist"):
+        configs_from_folders(tmp_path / "train", in_json=tmp_path / "nope.json", fallbacks={"resolution": 64})
