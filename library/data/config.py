@@ -7,6 +7,7 @@ the config file, the table (``datasets[1].subsets[0]``) and the key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from library.data.buckets import round_bucket_range
 from library.data.captions import CaptionOptions
-from library.data.images import INTERPOLATIONS
+from library.data.images import INTERPOLATIONS, list_images
 from library.errors import UserError
 
 try:
@@ -315,11 +316,6 @@ def _dataset_config(
     resolution = pick("resolution")
     if resolution is None:
         checker.fail(table, "resolution is not set; set resolution in [general] or [[datasets]] (or --resolution)")
-    if not isinstance(resolution, tuple):
-        try:
-            resolution = _resolution(resolution)
-        except _Bad as e:
-            checker.fail(table, f"resolution (from the command line) = {resolution}: expected {e}")
     enable_bucket = bool(pick("enable_bucket"))
     steps = int(pick("bucket_reso_steps"))
     min_reso, max_reso = int(pick("min_bucket_reso")), int(pick("max_bucket_reso"))
@@ -377,9 +373,7 @@ def _subset_config(
     caption = CaptionOptions(**{f.name: pick(f.name) for f in fields(CaptionOptions)})
     if caption.keep_tokens_separator is None:
         caption = CaptionOptions(**{**caption.__dict__, "keep_tokens_separator": ""})
-    class_tokens = values.get("class_tokens") if kind == "dreambooth" else None
-    if kind == "dreambooth" and class_tokens is None and not values.get("is_reg", False):
-        class_tokens = pick("class_tokens")
+    class_tokens = pick("class_tokens") if kind == "dreambooth" else None
     return SubsetConfig(
         where=f"{checker.source}: {table}", kind=kind, image_dir=paths["image_dir"],
         metadata_file=paths["metadata_file"], conditioning_data_dir=paths["conditioning_data_dir"],
@@ -488,8 +482,6 @@ def configs_from_folders(
         subsets = _folder_subsets(train_data_dir, False, "--train_data_dir")
         subsets += _folder_subsets(Path(reg_data_dir) if reg_data_dir else None, True, "--reg_data_dir")
         if not any(not s["is_reg"] for s in subsets):
-            from library.data.images import list_images
-
             loose = list_images(train_data_dir)
             hint = (f"; the {len(loose)} images directly in it must go in a subfolder named like '10_sks'"
                     if loose else "")  # fmt: skip
@@ -510,8 +502,6 @@ def _folder_subset_values(subset: dict, fallbacks: Mapping) -> dict:
 
 def _rename_folder_subsets(config: DatasetConfig, raw: list[dict], root: Path) -> DatasetConfig:
     """Folder-style messages name the folder, not a table index."""
-    import dataclasses
-
     subsets = tuple(
         dataclasses.replace(
             s, where=f"{'--reg_data_dir' if r.get('is_reg') else '--train_data_dir'} folder {r.get('image_dir')}"
