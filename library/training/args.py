@@ -186,6 +186,8 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--network_dim", type=int, default=None)
     g.add_argument("--network_alpha", type=float, default=1)
     g.add_argument("--network_dropout", type=float, default=None)
+    g.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularization of each LoRA "
+                   "module's delta (1.0 is a common value)")  # fmt: skip
     g.add_argument("--network_args", type=str, default=None, nargs="*")
     g.add_argument("--network_weights", type=str, default=None, help="continue from this LoRA file")
     g.add_argument("--dim_from_weights", action="store_true")
@@ -256,7 +258,6 @@ UNSUPPORTED = {
     "dynamo_backend": "is not implemented yet",
     "base_weights": "(merging LoRAs into the base before training) is not implemented yet",
     "base_weights_multiplier": "(merging LoRAs into the base before training) is not implemented yet",
-    "scale_weight_norms": "(max-norm regularization of LoRA weights) is not implemented yet",
     "controlnet_model_name_or_path": "(training a LoRA with a ControlNet) is not implemented yet",
     "save_n_epoch_ratio": "is not implemented; use --save_every_n_epochs",
     "validation_split": "(validation loss) is not implemented yet",

@@ -55,6 +55,9 @@ class TrainingTarget(Protocol):
     def set_batch_multipliers(self, multipliers: Tensor | None) -> None:
         """Per-sample strengths of a network for the next forward (targets without one ignore them)."""
 
+    def scale_weight_norms(self, max_norm: float) -> dict[str, float]:
+        """Max-norm regularization after an optimizer step; returns what to log (targets without one: {})."""
+
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -75,6 +78,7 @@ class LoopSettings:
     sample_at_first: bool = False
     seed: int = 0
     log_prefix: str = ""
+    scale_weight_norms: float | None = None
     masked_loss: bool = False  # conditioning images (R channel) are loss masks, as upstream's --masked_loss
 
 
@@ -297,10 +301,17 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
             state.losses.append(value)
             recent.append(value)
             lr = run.scheduler.get_last_lr()[0]
+            norms = run.target.scale_weight_norms(s.scale_weight_norms) if s.scale_weight_norms else {}
             bar.update(1)
-            bar.set_postfix(avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}",
+                            **{k.split("/")[-1]: f"{v:g}" for k, v in norms.items() if k.endswith("keys_scaled")})  # fmt: skip
             run.accelerator.log(
-                {f"{s.log_prefix}loss/current": value, f"{s.log_prefix}lr/unet": lr}, step=state.global_step
+                {
+                    f"{s.log_prefix}loss/current": value,
+                    f"{s.log_prefix}lr/unet": lr,
+                    **{f"{s.log_prefix}{k}": v for k, v in norms.items()},
+                },
+                step=state.global_step,
             )
             _after_step(run, state)
             if state.global_step >= s.max_train_steps:

@@ -151,7 +151,7 @@ def _training_metadata(args: argparse.Namespace, family: FluxFamily, group, opti
         "ss_network_dropout": args.network_dropout, "ss_network_args": _network_args_dict(args.network_args),
         "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": args.full_fp16,
         "ss_base_model_version": family.base_model_version, "ss_seed": args.seed, "ss_optimizer": optimizer_name,
-        "ss_max_grad_norm": args.max_grad_norm, "ss_noise_offset": args.noise_offset,
+        "ss_max_grad_norm": args.max_grad_norm, "ss_scale_weight_norms": args.scale_weight_norms, "ss_noise_offset": args.noise_offset,
         "ss_ip_noise_gamma": args.ip_noise_gamma, "ss_loss_type": args.loss_type, "ss_huber_schedule": args.huber_schedule,
         "ss_huber_c": args.huber_c, "ss_huber_scale": args.huber_scale, "ss_fp8_base": args.fp8_base,
         "ss_fp8_base_unet": args.fp8_base_unet, "ss_training_comment": args.training_comment,
@@ -324,5 +324,5 @@ def _loop_settings(args: argparse.Namespace, max_steps: int, num_epochs: int, se
         save_last_n_epochs_state=args.save_last_n_epochs_state, save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end, sample_every_n_steps=args.sample_every_n_steps,
         sample_every_n_epochs=args.sample_every_n_epochs, sample_at_first=args.sample_at_first, seed=seed,
-        log_prefix=args.log_prefix or "", masked_loss=args.masked_loss,
+        log_prefix=args.log_prefix or "", masked_loss=args.masked_loss, scale_weight_norms=args.scale_weight_norms,
     )  # fmt: skip

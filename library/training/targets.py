@@ -80,5 +80,13 @@ class NetworkTarget:
         forward; None restores 1.0."""
         self.network.set_multiplier(1.0 if multipliers is None else multipliers)
 
+    def scale_weight_norms(self, max_norm: float) -> dict[str, float]:
+        """--scale_weight_norms: upstream's max-norm regularization of each LoRA module's delta, logged as
+        upstream logs it."""
+        device = next(self.network.parameters()).device
+        scaled, mean_norm, max_key_norm = self.network.apply_max_norm_regularization(max_norm, device)
+        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
+                "max_norm/max_key_norm": max_key_norm}  # fmt: skip
+
     def save(self, path: Path, metadata: dict[str, str]) -> None:
         self.network.save_weights(path, self.save_dtype, metadata)

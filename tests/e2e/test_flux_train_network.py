@@ -345,3 +345,20 @@ def test_dataset_network_multiplier_scales_what_the_lora_learns(tiny_models, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     ups = [v for k, v in load_file(tmp_path / "out" / "lora.safetensors").items() if "lora_up" in k]
     assert ups and all(v.abs().max() == 0 for v in ups)
+
+
+def test_scale_weight_norms_caps_every_module_and_is_logged(tiny_models, tmp_path):
+    config = tiny_dataset(tmp_path)
+    cap = 1e-3
+    result = train(tiny_models, tmp_path / "out", config, "--scale_weight_norms", str(cap), "--learning_rate", "1e-2",
+                   "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"), steps=3)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(tmp_path / "out" / "lora.safetensors")
+    names = {k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_down.weight")}
+    norms = []
+    for name in names:
+        down, up = tensors[f"{name}.lora_down.weight"].float(), tensors[f"{name}.lora_up.weight"].float()
+        norms.append(float((up @ down).norm() * tensors[f"{name}.alpha"].float() / down.shape[0]))
+    assert max(norms) <= cap * 1.01 and max(norms) > cap * 0.5  # capped, and the cap was reached
+    assert _tensorboard_tags(tmp_path / "logs")["max_norm/keys_scaled"] == [1, 2, 3]
+    assert metadata_of(tmp_path / "out" / "lora.safetensors")["ss_scale_weight_norms"] == str(cap)
