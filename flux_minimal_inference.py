@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 from library.errors import run_cli
-from library.inference.flux_cli import add_flux_inference_args, run_flux_inference
+from library.inference.flux_cli import build_parser, run_flux_inference
 from library.logging_setup import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_flux_inference_args(parser)
-    return parser.parse_args(argv)
+    return build_parser(__doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

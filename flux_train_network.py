@@ -5,12 +5,13 @@ from __future__ import annotations
 from library.errors import run_cli
 from library.logging_setup import setup_logging
 from library.training.args import parse_args_with_config
-from library.training.network_training import build_flux_network_parser, run_network_training
+from library.training.families.flux import FLUX
+from library.training.network_training import build_network_parser, run_network_training
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    run_network_training(parse_args_with_config(build_flux_network_parser(), argv))
+    run_network_training(parse_args_with_config(build_network_parser(FLUX, __doc__), argv), FLUX)
 
 
 if __name__ == "__main__":

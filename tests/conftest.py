@@ -26,3 +26,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from tools.make_tiny_models import make_tiny_flux_set
 
     return make_tiny_flux_set(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_models(tmp_path_factory) -> dict[str, Path]:
+    """Paths of the tiny SD3/SD3.5 checkpoints and text encoders, by role (see ``make_tiny_sd3_set``)."""
+    from tools.make_tiny_models import make_tiny_sd3_set
+
+    return make_tiny_sd3_set(tmp_path_factory.mktemp("tiny_sd3_models"))

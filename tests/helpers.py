@@ -52,3 +52,15 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], captions: list[str 
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+QUICK_START_INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && "
+
+
+def readme_quick_start_commands() -> list[str]:
+    """The README's quick-start commands, as written there: [set up and train, run the tests]."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)]

@@ -34,9 +34,10 @@ def make_bucket_resolutions(
 
 
 def round_bucket_range(min_reso: int, max_reso: int, steps: int) -> tuple[int, int, list[str]]:
-    """min/max_bucket_reso rounded to multiples of ``steps`` (min up, max down), with what changed."""
+    """min/max_bucket_reso made multiples of ``steps`` as upstream does (min rounded down, max rounded up, so the
+    range only widens), with what changed."""
     notes = []
-    new_min, new_max = -(-min_reso // steps) * steps, max_reso // steps * steps
+    new_min, new_max = min_reso - min_reso % steps, -(-max_reso // steps) * steps
     if new_min != min_reso:
         notes.append(f"min_bucket_reso {min_reso} -> {new_min}")
     if new_max != max_reso:

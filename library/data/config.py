@@ -120,20 +120,17 @@ SUBSET_ONLY_KEYS: dict[str, Callable] = {
 DATASET_KEYS: dict[str, Callable] = {
     "resolution": _resolution, "batch_size": _int(1), "enable_bucket": _bool, "min_bucket_reso": _int(1),
     "max_bucket_reso": _int(1), "bucket_reso_steps": _int(1), "bucket_no_upscale": _bool,
-    "network_multiplier": _float(),
+    "network_multiplier": _float(), "validation_split": _float(0, 1), "validation_seed": _int(),
 }  # fmt: skip
+# custom_attributes this suite acts on (upstream's diff_output_preservation: see docs/dataset_config.md)
+CUSTOM_ATTRIBUTES: dict[str, Callable] = {"diff_output_preservation": _bool}
 CONFIG_KEYS = frozenset(SUBSET_KEYS) | frozenset(SUBSET_ONLY_KEYS) | frozenset(DATASET_KEYS)
-# upstream keys this suite does not act on yet: an error, never silently ignored
-UNSUPPORTED_KEYS = {
-    "validation_split": "validation datasets are not supported yet; remove validation_split",
-    "validation_seed": "validation datasets are not supported yet; remove validation_seed",
-}
 _DEFAULTS: dict[str, object] = {
     "num_repeats": 1, "caption_extension": ".caption", "class_tokens": None, "cache_info": False,
     "alpha_mask": False, "flip_aug": False, "color_aug": False, "random_crop": False, "face_crop_aug_range": None,
     "custom_attributes": None, "resize_interpolation": None, "resolution": None, "batch_size": 1,
     "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
-    "bucket_no_upscale": False, "network_multiplier": 1.0,
+    "bucket_no_upscale": False, "network_multiplier": 1.0, "validation_split": 0.0, "validation_seed": None,
     **{f.name: f.default for f in fields(CaptionOptions)},
 }  # fmt: skip
 # which kind of subset each location key makes, and what it needs
@@ -174,6 +171,11 @@ class SubsetConfig:
     resize_interpolation: str | None = None
     cache_info: bool = False
 
+    @property
+    def diff_output_preservation(self) -> bool:
+        """upstream's custom_attributes.diff_output_preservation: this subset's target is the base model's output."""
+        return bool((self.custom_attributes or {}).get("diff_output_preservation", False))
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -187,6 +189,8 @@ class DatasetConfig:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     network_multiplier: float = 1.0
+    validation_split: float = 0.0  # share of each non-regularization subset's images held out for validation
+    validation_seed: int | None = None  # None: the training --seed
     subsets: tuple[SubsetConfig, ...] = ()
 
 
@@ -244,8 +248,6 @@ class _Checker:
     def check(self, table: str, values: Mapping, allowed: Mapping[str, Callable], hint: str = "") -> dict:
         out = {}
         for key, value in values.items():
-            if key in UNSUPPORTED_KEYS:
-                self.fail(table, f"{key}: {UNSUPPORTED_KEYS[key]}")
             if key not in allowed:
                 everything = [*SUBSET_KEYS, *SUBSET_ONLY_KEYS, *DATASET_KEYS, "subsets"]
                 close = difflib.get_close_matches(key, everything, n=1, cutoff=0.75)
@@ -261,7 +263,23 @@ class _Checker:
                 out[key] = allowed[key](value)
             except _Bad as e:
                 self.fail(table, f"{key} = {_show(value)}: expected {e}")
+            if key == "custom_attributes":
+                out[key] = self.custom_attributes(table, out[key])
         return out
+
+    def custom_attributes(self, table: str, values: Mapping) -> dict:
+        """Known attributes are checked; others are kept (upstream passes them on) with a warning naming them."""
+        for name, value in values.items():
+            if name not in CUSTOM_ATTRIBUTES:
+                logger.warning("%s: %s: custom_attributes.%s is not used by this suite (it knows %s); it is kept in "
+                               "the batch's custom_attributes", self.source or "", table, name,
+                               ", ".join(CUSTOM_ATTRIBUTES))  # fmt: skip
+                continue
+            try:
+                CUSTOM_ATTRIBUTES[name](value)
+            except _Bad as e:
+                self.fail(table, f"custom_attributes.{name} = {_show(value)}: expected {e}")
+        return dict(values)
 
 
 def _show(value: object) -> str:
@@ -320,19 +338,11 @@ def _dataset_config(
     steps = int(pick("bucket_reso_steps"))
     min_reso, max_reso = int(pick("min_bucket_reso")), int(pick("max_bucket_reso"))
     if enable_bucket:
-        if min_reso > max_reso:
-            checker.fail(table, f"min_bucket_reso {min_reso} is above max_bucket_reso {max_reso}")
-        rounded_min, rounded_max, notes = round_bucket_range(min_reso, max_reso, steps)
-        if notes:
-            logger.warning("%s: %s: %s (rounded to bucket_reso_steps %d)", checker.source, table, ", ".join(notes),
-                           steps)  # fmt: skip
-            min_reso, max_reso = rounded_min, rounded_max
-        if rounded_min > rounded_max or rounded_min <= 0:
-            checker.fail(table, f"no bucket size between min_bucket_reso and max_bucket_reso in steps of {steps}")
-        if min(resolution) < min_reso or max(resolution) > max_reso:
-            checker.fail(table, f"resolution {resolution[0]}x{resolution[1]} is outside the bucket range "
-                                f"[{min_reso}, {max_reso}]; widen min_bucket_reso / max_bucket_reso or change the "
-                                "resolution")  # fmt: skip
+        if pick("bucket_no_upscale") and (min_reso, max_reso) != (_DEFAULTS["min_bucket_reso"],
+                                                                  _DEFAULTS["max_bucket_reso"]):  # fmt: skip
+            logger.warning("%s: %s: min_bucket_reso and max_bucket_reso are not used with bucket_no_upscale (each "
+                           "image's bucket follows its own size), as upstream", checker.source, table)  # fmt: skip
+        min_reso, max_reso = _bucket_range(checker, table, resolution, min_reso, max_reso, steps)
     subsets = []
     for j, raw in enumerate(raw_subsets):
         subsets.append(_subset_config(checker, f"{table}.subsets[{j}]", kind, raw, layers, base))
@@ -340,8 +350,30 @@ def _dataset_config(
         where=f"{checker.source}: {table}", kind=kind, resolution=resolution, batch_size=int(pick("batch_size")),
         enable_bucket=enable_bucket, min_bucket_reso=min_reso, max_bucket_reso=max_reso, bucket_reso_steps=steps,
         bucket_no_upscale=bool(pick("bucket_no_upscale")), network_multiplier=float(pick("network_multiplier")),
+        validation_split=float(pick("validation_split")), validation_seed=pick("validation_seed"),
         subsets=tuple(subsets),
     )  # fmt: skip
+
+
+def _bucket_range(
+    checker: _Checker, table: str, resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int
+) -> tuple[int, int]:
+    """upstream's rule: the limits become multiples of bucket_reso_steps (min down, max up, with a warning), then
+    the resolution's sides must lie within them."""
+    if min_reso > max_reso:
+        checker.fail(table, f"min_bucket_reso {min_reso} is above max_bucket_reso {max_reso}")
+    rounded_min, rounded_max, notes = round_bucket_range(min_reso, max_reso, steps)
+    if notes:
+        logger.warning("%s: %s: %s (made multiples of bucket_reso_steps %d, as upstream)", checker.source, table,
+                       ", ".join(notes), steps)  # fmt: skip
+    if rounded_min <= 0:
+        checker.fail(table, f"min_bucket_reso {min_reso} rounds down to 0 with bucket_reso_steps {steps}; set "
+                            f"min_bucket_reso to at least {steps}")  # fmt: skip
+    if min(resolution) < rounded_min or max(resolution) > rounded_max:
+        checker.fail(table, f"resolution {resolution[0]}x{resolution[1]} is outside the bucket range "
+                            f"[{rounded_min}, {rounded_max}]; widen min_bucket_reso / max_bucket_reso or change the "
+                            "resolution")  # fmt: skip
+    return rounded_min, rounded_max
 
 
 def _subset_config(
@@ -467,12 +499,16 @@ def _folder_subsets(root: Path | None, is_reg: bool, option: str) -> list[dict]:
 
 def configs_from_folders(
     train_data_dir: Path, reg_data_dir: Path | None = None, in_json: Path | None = None,
-    fallbacks: Mapping[str, object] | None = None,
+    fallbacks: Mapping[str, object] | None = None, conditioning_data_dir: Path | None = None,
 ) -> list[DatasetConfig]:  # fmt: skip
     """upstream's folder style: one dataset from ``<repeats>_<class tokens>`` folders (and regularization folders),
-    or with ``in_json`` one fine-tune subset over ``train_data_dir``."""
+    with ``in_json`` one fine-tune subset over ``train_data_dir``, or with ``conditioning_data_dir`` one ControlNet
+    subset over ``train_data_dir`` itself (1 repeat, as upstream's generate_controlnet_subsets_config_by_subdirs)."""
     fallbacks = _check_fallbacks(fallbacks or {})
     train_data_dir = Path(train_data_dir)
+    if conditioning_data_dir is not None:
+        return [_controlnet_folder_config(train_data_dir, Path(conditioning_data_dir), reg_data_dir, in_json,
+                                          fallbacks)]  # fmt: skip
     if in_json is not None:
         in_json = Path(in_json)
         if not in_json.is_file():
@@ -491,6 +527,28 @@ def configs_from_folders(
     dataset = {"subsets": [_folder_subset_values(s, fallbacks) for s in subsets]}
     config = _dataset_config(checker, "--train_data_dir", dataset, {}, fallbacks, None)
     return [_rename_folder_subsets(config, subsets, train_data_dir)]
+
+
+def _controlnet_folder_config(
+    train_data_dir: Path, conditioning_data_dir: Path, reg_data_dir: Path | None, in_json: Path | None,
+    fallbacks: Mapping,
+) -> DatasetConfig:  # fmt: skip
+    for option, value in (("--reg_data_dir", reg_data_dir), ("--in_json", in_json)):
+        if value is not None:
+            raise UserError(f"{option} cannot be used with --conditioning_data_dir (a ControlNet dataset is the images "
+                            "in --train_data_dir paired with --conditioning_data_dir); drop one of them")  # fmt: skip
+    for option, folder in (("--train_data_dir", train_data_dir), ("--conditioning_data_dir", conditioning_data_dir)):
+        if not folder.is_dir():
+            raise UserError(f"{option} {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
+    if not list_images(train_data_dir) and any(p.is_dir() for p in train_data_dir.iterdir()):
+        raise UserError(f"--train_data_dir {train_data_dir} has no images directly in it; with "
+                        "--conditioning_data_dir the training images sit in --train_data_dir itself (upstream's "
+                        "ControlNet layout), not in '<repeats>_<class tokens>' folders")  # fmt: skip
+    subset = {"image_dir": str(train_data_dir), "conditioning_data_dir": str(conditioning_data_dir), "num_repeats": 1}
+    config = _dataset_config(_Checker("command line"), "--train_data_dir", {"subsets": [subset]}, {}, fallbacks, None)
+    where = f"--train_data_dir {train_data_dir} with --conditioning_data_dir {conditioning_data_dir}"
+    subsets = tuple(dataclasses.replace(s, where=where) for s in config.subsets)
+    return dataclasses.replace(config, where=where, subsets=subsets)
 
 
 def _folder_subset_values(subset: dict, fallbacks: Mapping) -> dict:

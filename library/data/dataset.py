@@ -7,12 +7,15 @@ resumed run, a run with data-loader workers and an uninterrupted run see the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,14 +32,29 @@ from library.data.encode_caches import (
     cache_latents,
     cache_text_encoder_outputs,
 )  # fmt: skip
-from library.data.images import LoadedImage, face_crop, face_position, load_image, resize_and_crop, to_tensor
-from library.data.items import ImageItem, balance_regularization, subset_items, tag_frequency
+from library.data.images import (
+    LoadedImage,
+    Placement,
+    bucket_placement,
+    face_placement,
+    face_position,
+    list_images,
+    load_image,
+    place,
+    to_tensor,
+)
+from library.data.items import ImageItem, balance_regularization, split_for_validation, subset_items, tag_frequency
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # command-line option -> config key, where the names differ (as upstream maps them)
 _OPTION_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+# what conditioning_data_dir images are: loss masks for --masked_loss (network and full training, as upstream's
+# network trainers use them) or control hints (ControlNet training)
+CONDITIONING_KINDS = ("mask", "control")
+# the parser default add_controlnet_dataset_args sets, read by DatasetOptions.from_args
+_CONDITIONING_DEST = "dataset_conditioning"
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,8 @@ class DatasetOptions:
     train_data_dir: Path | None = None
     reg_data_dir: Path | None = None
     in_json: Path | None = None
+    conditioning_data_dir: Path | None = None  # with train_data_dir: upstream's ControlNet folder style
+    conditioning: Literal["mask", "control"] = "mask"  # what conditioning_data_dir images are (CONDITIONING_KINDS)
     fallbacks: dict[str, object] = field(default_factory=dict)  # command-line values for config keys
     seed: int = 0
     prior_loss_weight: float = 1.0
@@ -58,8 +78,14 @@ class DatasetOptions:
     vae_batch_size: int = 1
     text_encoder_batch_size: int | None = None
 
+    def __post_init__(self):
+        if self.conditioning not in CONDITIONING_KINDS:
+            raise ValueError(f"conditioning must be one of {CONDITIONING_KINDS}, not {self.conditioning!r}")
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DatasetOptions:
+        """The options of a parser built with ``add_dataset_args`` (and ``add_controlnet_dataset_args`` for
+        ControlNet training, which makes conditioning images control hints)."""
         fallbacks = {}
         for key in command_line_fallback_keys():
             option = next((o for o, k in _OPTION_TO_KEY.items() if k == key), key)
@@ -72,6 +98,8 @@ class DatasetOptions:
         return cls(
             dataset_config=path(args.dataset_config), train_data_dir=path(args.train_data_dir),
             reg_data_dir=path(args.reg_data_dir), in_json=path(args.in_json), fallbacks=fallbacks,
+            conditioning_data_dir=path(getattr(args, "conditioning_data_dir", None)),
+            conditioning=getattr(args, _CONDITIONING_DEST, "mask"),
             seed=args.seed or 0, prior_loss_weight=args.prior_loss_weight, masked_loss=args.masked_loss,
             cache_latents=args.cache_latents or args.cache_latents_to_disk,
             cache_latents_to_disk=args.cache_latents_to_disk,
@@ -91,6 +119,16 @@ def _cli_value(option: str, value: object) -> object:
             raise UserError(f"--{option} {value}: expected a number or two numbers separated by a comma") from None
         return parts[0] if len(parts) == 1 and option == "resolution" else parts
     return value
+
+
+def add_validation_args(parser: argparse.ArgumentParser) -> None:
+    """upstream's --validation_split / --validation_seed: the fallback for every dataset's validation_split /
+    validation_seed (a config's own values win, as for every dataset key)."""
+    g = parser.add_argument_group("validation images")
+    g.add_argument("--validation_split", type=float, default=0.0,
+                   help="share of each subset's images held out for validation loss (0 to 1)")  # fmt: skip
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed choosing the held-out images (default: --seed)")  # fmt: skip
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +166,6 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--face_crop_aug_range", type=str, default=None)
     g.add_argument("--alpha_mask", action="store_true", help="the alpha channel is the loss mask")
     g.add_argument("--resize_interpolation", type=str, default=None)
-    g.add_argument("--conditioning_data_dir", type=str, default=None, help="mask images with --masked_loss")
     g.add_argument("--cache_info", action="store_true", help="cache image sizes and captions per folder")
     g = parser.add_argument_group("latent and text-encoder caches")
     g.add_argument("--cache_latents", action="store_true")
@@ -140,6 +177,17 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text_encoder_batch_size", type=int, default=None)
     g.add_argument("--debug_dataset", action="store_true", help="show buckets and processed captions, then stop")
     g.add_argument("--debug_dataset_dir", type=str, default=None, help="with --debug_dataset: save processed images")
+
+
+def add_controlnet_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """ControlNet training's dataset side: ``--conditioning_data_dir`` (with ``--train_data_dir``: one subset over
+    the images in that folder, 1 repeat, as upstream), and every conditioning image read as a control hint (the
+    parser's ``DatasetOptions.from_args`` gives ``conditioning="control"``). Only the ControlNet parser adds this;
+    the other trainers reject --conditioning_data_dir (training/args.py UNSUPPORTED)."""
+    g = parser.add_argument_group("ControlNet dataset")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="control images for the images in --train_data_dir, paired by file name")  # fmt: skip
+    parser.set_defaults(**{_CONDITIONING_DEST: "control"})
 
 
 class ImageDataset:
@@ -187,13 +235,21 @@ class ImageDataset:
         return {bucket: len(entries) for bucket, entries in self.buckets.items()}
 
     def metadata(self) -> dict:
+        """upstream's ss_datasets entry. As upstream, regularization subsets count every image found (balancing may
+        leave some out), subsets without images are left out, and resize_interpolation is the dataset's (here: the
+        one its subsets share)."""
+        counts = {id(s): sum(1 for i in self.items if i.subset is s) for s in self.config.subsets}
+        counts.update({id(s): len(list_images(s.image_dir)) for s in self.config.subsets if s.is_reg})
+        subsets = [_subset_metadata(s, counts[id(s)]) for s in self.config.subsets if counts[id(s)]]
+        interpolations = {s.resize_interpolation for s in self.config.subsets}
         return {
             "is_dreambooth": self.config.kind == "dreambooth", "batch_size_per_device": self.config.batch_size,
-            "num_train_images": self.num_train_images, "num_reg_images": self.num_reg_images,
+            "num_train_images": self.num_train_images,
+            "num_reg_images": sum(s["img_count"] * s["num_repeats"] for s in subsets if s.get("is_reg")),
             "resolution": tuple(self.config.resolution), "enable_bucket": self.config.enable_bucket,
             "min_bucket_reso": self.config.min_bucket_reso, "max_bucket_reso": self.config.max_bucket_reso,
             "tag_frequency": tag_frequency(self.items), "bucket_info": self.bucket_info(),
-            "subsets": [_subset_metadata(s, self.items) for s in self.config.subsets],
+            "resize_interpolation": interpolations.pop() if len(interpolations) == 1 else None, "subsets": subsets,
         }  # fmt: skip
 
     def bucket_info(self) -> dict:
@@ -214,10 +270,10 @@ def _check_multiple(config: DatasetConfig, multiple: int) -> None:
         raise UserError(f"{config.where}: bucket_reso_steps {config.bucket_reso_steps} is not a multiple of {multiple}")
 
 
-def _subset_metadata(subset, items: list[ImageItem]) -> dict:
+def _subset_metadata(subset, img_count: int) -> dict:
     c = subset.caption
     meta = {
-        "img_count": sum(1 for i in items if i.subset is subset), "num_repeats": subset.num_repeats,
+        "img_count": img_count, "num_repeats": subset.num_repeats,
         "color_aug": subset.color_aug, "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
         "shuffle_caption": c.shuffle_caption, "keep_tokens": c.keep_tokens,
         "keep_tokens_separator": c.keep_tokens_separator, "secondary_separator": c.secondary_separator,
@@ -339,7 +395,11 @@ class DatasetGroup(torch.utils.data.Dataset):
         lines = []
         for d in self.datasets:
             c = d.config
-            lines.append(f"{c.where}: {c.kind}, resolution {c.resolution[0]}x{c.resolution[1]}, batch size "
+            kind = c.kind
+            if kind == "controlnet":
+                kind += " (conditioning images are " + ("control hints)" if self.options.conditioning == "control"
+                                                         else "loss masks)")  # fmt: skip
+            lines.append(f"{c.where}: {kind}, resolution {c.resolution[0]}x{c.resolution[1]}, batch size "
                          f"{c.batch_size}, {len(d.items)} images ({d.num_train_images} train + {d.num_reg_images} "
                          f"reg with repeats), {d.num_batches} batches per epoch")  # fmt: skip
             lines.extend("  " + line for line in bucket_summary(d.bucket_counts()).splitlines())
@@ -349,18 +409,23 @@ class DatasetGroup(torch.utils.data.Dataset):
         """upstream's dataset ss_* keys (ss_datasets with a config file; flat keys for folder-style datasets)."""
         import json
 
+        infos = [d.metadata() for d in self.datasets]
         meta: dict[str, object] = {
-            "ss_num_train_images": self.num_train_images, "ss_num_reg_images": self.num_reg_images,
+            "ss_num_train_images": self.num_train_images, "ss_num_reg_images": sum(i["num_reg_images"] for i in infos),
             "ss_num_batches_per_epoch": len(self), "ss_cache_latents": self.options.cache_latents,
             "ss_prior_loss_weight": self.options.prior_loss_weight,
         }  # fmt: skip
-        infos = [d.metadata() for d in self.datasets]
         tags: dict = {}
         for info in infos:
             for folder, counts in info["tag_frequency"].items():
                 tags.setdefault(folder, counts)
-        dirs = {s["image_dir"] if "image_dir" in s else s.get("metadata_file"): {"n_repeats": s["num_repeats"],
-                "img_count": s["img_count"]} for info in infos for s in info["subsets"] if not s.get("is_reg")}  # fmt: skip
+        dirs: dict[str, dict] = {}
+        for s in (s for info in infos for s in info["subsets"] if not s.get("is_reg")):
+            name = s.get("metadata_file", s.get("image_dir"))
+            unique, n = name, 2
+            while unique in dirs:  # the same folder in several subsets: "name (2)", as upstream
+                unique, n = f"{name} ({n})", n + 1
+            dirs[unique] = {"n_repeats": s["num_repeats"], "img_count": s["img_count"]}
         if self.from_config or not infos:
             meta.update(
                 ss_datasets=json.dumps(infos), ss_tag_frequency=json.dumps(tags), ss_dataset_dirs=json.dumps(dirs)
@@ -376,46 +441,132 @@ class DatasetGroup(torch.utils.data.Dataset):
             ss_shuffle_caption=subset.caption.shuffle_caption, ss_enable_bucket=d.config.enable_bucket,
             ss_bucket_no_upscale=d.config.bucket_no_upscale, ss_min_bucket_reso=d.config.min_bucket_reso,
             ss_max_bucket_reso=d.config.max_bucket_reso, ss_keep_tokens=subset.caption.keep_tokens,
-            ss_caption_dropout_rate=subset.caption.caption_dropout_rate,
-            ss_caption_dropout_every_n_epochs=subset.caption.caption_dropout_every_n_epochs,
-            ss_caption_tag_dropout_rate=subset.caption.caption_tag_dropout_rate,
             ss_dataset_dirs=json.dumps(dirs), ss_reg_dataset_dirs=json.dumps(reg),
             ss_tag_frequency=json.dumps(info["tag_frequency"]), ss_bucket_info=json.dumps(info["bucket_info"]),
         )  # fmt: skip
         return meta
 
 
+class ValidationGroup(DatasetGroup):
+    """The held-out images (validation_split). Its batches never change: the loop's epoch and step are ignored, so
+    every validation pass sees the same batches in the same order with the same crops and flips."""
+
+    def set_current_epoch(self, epoch: int) -> None:
+        """Ignored: validation batches are always those of epoch 1."""
+
+    def set_current_step(self, step: int) -> None:
+        """Ignored: validation captions have no step-dependent warm-up."""
+
+
+def data_loader_workers(requested: int) -> int:
+    """--max_data_loader_n_workers capped at the CPUs this process may use (upstream caps at os.cpu_count(); the
+    affinity count is what torch's DataLoader warns against), never below 0."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(0, min(requested, available))
+
+
 def build_dataset_group(options: DatasetOptions) -> DatasetGroup:
-    """Read and check the config (or folders), scan every image's size and caption, and assign buckets. Raises
-    UserError for any problem, before a model is loaded."""
+    """The training group of ``build_dataset_groups`` (images held out by validation_split are left out)."""
+    return build_dataset_groups(options)[0]
+
+
+def build_dataset_groups(options: DatasetOptions) -> tuple[DatasetGroup, ValidationGroup | None]:
+    """Read and check the config (or folders), scan every image's size and caption, split off validation images
+    (validation_split) and assign buckets: (training group, validation group or None when nothing is held out).
+    Raises UserError for any problem, before a model is loaded."""
     if options.dataset_config:
-        if options.train_data_dir or options.in_json:
-            logger.warning("--dataset_config is given, so --train_data_dir / --reg_data_dir / --in_json are ignored")
+        if options.train_data_dir or options.reg_data_dir or options.in_json or options.conditioning_data_dir:
+            logger.warning("--dataset_config is given, so --train_data_dir / --reg_data_dir / --in_json / "
+                           "--conditioning_data_dir are ignored")  # fmt: skip
         configs = load_dataset_config(options.dataset_config, options.fallbacks)
     elif options.train_data_dir:
-        configs = configs_from_folders(options.train_data_dir, options.reg_data_dir, options.in_json, options.fallbacks)
+        if options.conditioning == "control" and options.conditioning_data_dir is None:
+            raise UserError("ControlNet training with --train_data_dir needs --conditioning_data_dir (the control "
+                            "images, paired with the images in --train_data_dir by file name)")  # fmt: skip
+        configs = configs_from_folders(options.train_data_dir, options.reg_data_dir, options.in_json, options.fallbacks,
+                                       conditioning_data_dir=options.conditioning_data_dir)  # fmt: skip
+    elif options.conditioning_data_dir:
+        raise UserError("--conditioning_data_dir needs --train_data_dir (the training images it pairs with), or use "
+                        "--dataset_config with conditioning_data_dir in each subset")  # fmt: skip
     else:
         raise UserError("no training images: give --dataset_config or --train_data_dir")
-    datasets = []
+    datasets, validation = [], []
     for config in configs:
         if config.enable_bucket and any(s.face_crop_aug_range for s in config.subsets):
             logger.warning("%s: face_crop_aug_range works only without enable_bucket (as upstream); it is not used",
                            config.where)  # fmt: skip
-        if config.kind == "controlnet" and not options.masked_loss:
-            raise UserError(f"{config.where}: conditioning_data_dir subsets are mask images for --masked_loss here; "
-                            "add --masked_loss (ControlNet training uses flux_train_control_net.py)")  # fmt: skip
-        train, reg = [], []
-        for subset in config.subsets:
-            (reg if subset.is_reg else train).extend(subset_items(subset))
-        if reg and not train:
-            raise UserError(f"{config.where}: only regularization subsets (is_reg = true); add training images")
-        if train and not reg and any(s.is_reg for s in config.subsets):
-            logger.warning("%s: the regularization subsets have no images", config.where)
-        datasets.append(ImageDataset(config, train + balance_regularization(train, reg), options.latent_multiple))
+        _check_conditioning(config, options)
+        train, held = _split_dataset(config, options.seed)
+        if held:
+            validation.append(ImageDataset(*_validation_dataset(config, held), options.latent_multiple))
+        datasets.append(ImageDataset(config, train, options.latent_multiple))
     group = DatasetGroup(datasets, options, from_config=bool(options.dataset_config))
     if len(group) == 0:
-        raise UserError("the dataset has no images; check image_dir / --train_data_dir and num_repeats")
-    return group
+        raise UserError("the dataset has no images; check image_dir / --train_data_dir and num_repeats"
+                        + (" (validation_split holds out every training image)" if validation else ""))  # fmt: skip
+    held_group = ValidationGroup(validation, options, from_config=bool(options.dataset_config)) if validation else None
+    if held_group is not None:
+        logger.info("validation: %d images held out of %d datasets", held_group.num_train_images, len(validation))
+    return group, held_group
+
+
+def _check_conditioning(config: DatasetConfig, options: DatasetOptions) -> None:
+    if options.conditioning == "control" and options.masked_loss and not any(s.alpha_mask for s in config.subsets):
+        logger.warning("%s: --masked_loss has no mask here: in ControlNet training the conditioning images are control "
+                       "hints, not loss masks (set alpha_mask for a mask from the images' alpha)", config.where)  # fmt: skip
+    if options.conditioning == "control" and config.kind != "controlnet":
+        raise UserError(f"{config.where}: ControlNet training needs a control image for every training image; set "
+                        "conditioning_data_dir in every subset (or give --train_data_dir with "
+                        "--conditioning_data_dir)")  # fmt: skip
+    if options.conditioning == "mask" and config.kind == "controlnet" and not options.masked_loss:
+        raise UserError(f"{config.where}: conditioning_data_dir subsets are mask images for --masked_loss here; "
+                        "add --masked_loss (ControlNet training uses flux_train_control_net.py)")  # fmt: skip
+
+
+def _split_dataset(config: DatasetConfig, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """The dataset's training items (with balanced regularization images) and its validation items."""
+    split = config.validation_split
+    split_seed = config.validation_seed if config.validation_seed is not None else seed
+    train, reg, held = [], [], []
+    for subset in config.subsets:
+        items = subset_items(subset)
+        if subset.is_reg:
+            reg.extend(items)  # regularization images are never held out (as upstream)
+            continue
+        kept, out = split_for_validation(items, split, split_seed)
+        train.extend(kept)
+        held.extend(out)
+        if split > 0 and items and not out:
+            logger.warning("%s: validation_split %g holds out none of its %d images (round(%d x %g) = 0)",
+                           subset.where, split, len(items), len(items), split)  # fmt: skip
+    if reg and not train and not held:
+        raise UserError(f"{config.where}: only regularization subsets (is_reg = true); add training images")
+    if train and not reg and any(s.is_reg for s in config.subsets):
+        logger.warning("%s: the regularization subsets have no images", config.where)
+    if reg and not train:
+        logger.warning("%s: validation_split holds out every training image, so its regularization images are not "
+                       "used either", config.where)  # fmt: skip
+        return [], held
+    return train + balance_regularization(train, reg), held
+
+
+def _validation_dataset(config: DatasetConfig, held: list[ImageItem]) -> tuple[DatasetConfig, list[ImageItem]]:
+    """The held-out images as a dataset of their own: one repeat each (as upstream) and captions without random
+    changes (no shuffle, dropout, tag dropout or warm-up), so every validation pass sees the same batches."""
+    views = {}
+    for subset in config.subsets:
+        if not subset.is_reg:
+            caption = dataclasses.replace(subset.caption, shuffle_caption=False, caption_dropout_rate=0.0,
+                                          caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0,
+                                          token_warmup_step=0)  # fmt: skip
+            views[id(subset)] = dataclasses.replace(subset, where=f"{subset.where} (validation)", num_repeats=1,
+                                                    caption=caption)  # fmt: skip
+    for item in held:
+        item.subset, item.num_repeats = views[id(item.subset)], 1
+    return dataclasses.replace(config, where=f"{config.where} (validation)", subsets=tuple(views.values())), held
 
 
 def make_batch(
@@ -423,9 +574,11 @@ def make_batch(
 ) -> dict:
     """One batch: ``latents`` (cached) or ``images`` [B, 3, H, W] in [-1, 1]; ``captions`` and ``text`` (cached
     encoder outputs or None); ``loss_weights`` [B] (prior_loss_weight for regularization images);
-    ``alpha_masks`` [B, H, W] or None; ``conditioning_images`` [B, 3, H, W] in [-1, 1] (mask images) or None;
+    ``alpha_masks`` [B, H, W] or None; ``conditioning_images`` [B, 3, H, W] in [-1, 1] at the bucket's pixel size
+    (control hints with ``conditioning="control"``, mask images otherwise; placed exactly like their images) or None;
     ``network_multipliers`` [B]; ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw`` [B, 2];
-    ``image_paths``."""
+    ``image_paths``; ``custom_attributes`` (each sample's subset's table, as upstream) and
+    ``diff_output_preservation`` [B] bool (samples whose target is the base model's prediction)."""
     samples = [_sample(item, options, rng) for item in items]
     captions = [process_caption(item.caption, item.subset.caption, rng, epoch=epoch, step=step,
                                 max_train_steps=max_train_steps) for item in items]  # fmt: skip
@@ -449,6 +602,8 @@ def make_batch(
         "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples]),
         "target_sizes_hw": torch.tensor([(item.bucket[1], item.bucket[0]) for item in items]),
         "image_paths": [str(item.path) for item in items],
+        "custom_attributes": [dict(item.subset.custom_attributes or {}) for item in items],
+        "diff_output_preservation": torch.tensor([item.subset.diff_output_preservation for item in items]),
     }  # fmt: skip
 
 
@@ -474,42 +629,36 @@ def _sample(item: ImageItem, options: DatasetOptions, rng: random.Random) -> dic
         if subset.alpha_mask and cached.alpha_mask is not None:
             mask = cached.alpha_mask[:, ::-1] if flip else cached.alpha_mask
             sample["alpha"] = torch.from_numpy(np.ascontiguousarray(mask))
-        left, top = cached.crop_ltrb[:2]
-        sample["crop_top_left"] = (top, left)
+        placement = _cached_placement(item, cached.crop_ltrb, flip)
     else:
         image = load_image(item.path, with_alpha=subset.alpha_mask)
         face = face_position(item.path) if subset.face_crop_aug_range and item.extra.get("face_crop") else None
         if face is not None:
-            image, crop = face_crop(image, item.bucket, face, subset.face_crop_aug_range,
-                                    random_crop=subset.random_crop, rng=rng,
-                                    interpolation=subset.resize_interpolation)  # fmt: skip
+            height, width = image.pixels.shape[:2]
+            placement = face_placement((width, height), item.bucket, face, subset.face_crop_aug_range,
+                                       random_crop=subset.random_crop, rng=rng, flip=flip)  # fmt: skip
         else:
-            image, crop = resize_and_crop(image, item.bucket, item.resized_size, random_crop=subset.random_crop,
-                                          rng=rng, interpolation=subset.resize_interpolation)  # fmt: skip
-        if flip:
-            image = _flip(image)
+            placement = bucket_placement(item.resized_size, item.bucket, random_crop=subset.random_crop, rng=rng,
+                                         flip=flip)  # fmt: skip
+        image = place(image, placement, subset.resize_interpolation)
         if subset.color_aug:
             image = color_augment(image, rng)
-        pixels, alpha = to_tensor(image)
-        sample.update(image=pixels, alpha=alpha, crop_top_left=crop)
+        sample["image"], sample["alpha"] = to_tensor(image)
+    sample["crop_top_left"] = placement.crop_top_left
     if item.conditioning_path is not None:
-        sample["conditioning"] = _conditioning_image(item, sample["crop_top_left"], flip)
+        hint = place(load_image(item.conditioning_path), placement, subset.resize_interpolation)
+        sample["conditioning"] = to_tensor(hint)[0]
     return sample
 
 
-def _conditioning_image(item: ImageItem, crop_top_left: tuple[int, int], flip: bool) -> torch.Tensor:
-    """The mask/conditioning image resized like its training image and cropped at the same place."""
-    image = load_image(item.conditioning_path)
-    pil = Image.fromarray(image.pixels).resize(item.resized_size, Image.Resampling.LANCZOS)
-    top, left = crop_top_left
-    pil = pil.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
-    pixels, _ = to_tensor(LoadedImage(np.array(pil), None))
-    return pixels.flip(-1) if flip else pixels
-
-
-def _flip(image: LoadedImage) -> LoadedImage:
-    alpha = None if image.alpha is None else np.ascontiguousarray(image.alpha[:, ::-1])
-    return LoadedImage(np.ascontiguousarray(image.pixels[:, ::-1]), alpha)
+def _cached_placement(item: ImageItem, crop_ltrb: tuple[int, int, int, int], flip: bool) -> Placement:
+    """Where the cached latents' image was cropped (their conditioning image is placed there too)."""
+    left, top = crop_ltrb[:2]
+    try:
+        return Placement(item.resized_size, item.bucket, top, left, flip)
+    except ValueError as e:
+        raise UserError(f"the latent cache of {item.path} ({item.latents_npz or 'in memory'}) does not fit its bucket "
+                        f"({e}); delete the cache file to encode it again") from None  # fmt: skip
 
 
 def color_augment(image: LoadedImage, rng: random.Random) -> LoadedImage:
@@ -521,7 +670,7 @@ def color_augment(image: LoadedImage, rng: random.Random) -> LoadedImage:
         hsv = np.asarray(Image.fromarray(image.pixels).convert("HSV")).copy()
         shift = rng.uniform(-8, 8) / 180 * 256
         hsv[..., 0] = ((hsv[..., 0].astype(np.float32) + shift) % 256).astype(np.uint8)
-        pixels = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+        pixels = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
     else:
         gamma = rng.uniform(0.95, 1.05)
         pixels = np.clip(image.pixels.astype(np.float32) ** gamma, 0, 255).astype(np.uint8)

@@ -152,26 +152,63 @@ def _resize(array: np.ndarray, size: tuple[int, int], interpolation: str | None)
     return np.array(image.resize(size, _filter(interpolation, upscaling)))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an image lands in its bucket: resized to ``resized`` (w, h), cropped to ``bucket`` (w, h) at (``top``,
+    ``left``) of the resized image, then mirrored when ``flip``. A conditioning image is placed with its image's."""
+
+    resized: tuple[int, int]
+    bucket: tuple[int, int]
+    top: int
+    left: int
+    flip: bool = False
+
+    def __post_init__(self):
+        spare_w, spare_h = self.resized[0] - self.bucket[0], self.resized[1] - self.bucket[1]
+        if not (0 <= self.left <= spare_w and 0 <= self.top <= spare_h):
+            raise ValueError(f"the {self.bucket[0]}x{self.bucket[1]} crop at left {self.left}, top {self.top} does "
+                             f"not fit the resized image {self.resized[0]}x{self.resized[1]}")  # fmt: skip
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        return self.top, self.left
+
+
+def bucket_placement(
+    resized: tuple[int, int], bucket: tuple[int, int], *, random_crop: bool, rng: random.Random, flip: bool = False
+) -> Placement:
+    """Resized to ``resized`` (which covers ``bucket``) and cropped to ``bucket``: centred, or anywhere with
+    ``random_crop`` (two draws from ``rng``: left, then top)."""
+    if resized[0] < bucket[0] or resized[1] < bucket[1]:
+        raise ValueError(f"resized image {resized[0]}x{resized[1]} does not cover the bucket {bucket[0]}x{bucket[1]}")
+    spare_w, spare_h = resized[0] - bucket[0], resized[1] - bucket[1]
+    left = rng.randint(0, spare_w) if random_crop else spare_w // 2
+    top = rng.randint(0, spare_h) if random_crop else spare_h // 2
+    return Placement(resized, bucket, top, left, flip)
+
+
+def place(image: LoadedImage, placement: Placement, interpolation: str | None = None) -> LoadedImage:
+    """``image`` resized (Lanczos when enlarging, area when shrinking, unless ``interpolation`` names a filter),
+    cropped and mirrored as ``placement`` says; its alpha channel goes along."""
+    p = placement
+    pixels = _resize(image.pixels, p.resized, interpolation)
+    alpha = None if image.alpha is None else np.clip(_resize(image.alpha, p.resized, interpolation), 0, 1)
+    box = (slice(p.top, p.top + p.bucket[1]), slice(p.left, p.left + p.bucket[0]))
+    pixels = pixels[box][:, ::-1] if p.flip else pixels[box]
+    if alpha is not None:
+        alpha = (alpha[box][:, ::-1] if p.flip else alpha[box]).astype(np.float32)
+        alpha = np.ascontiguousarray(alpha)
+    return LoadedImage(np.ascontiguousarray(pixels), alpha)
+
+
 def resize_and_crop(
     image: LoadedImage, bucket: tuple[int, int], resized_size: tuple[int, int], *, random_crop: bool,
     rng: random.Random, interpolation: str | None = None,
 ) -> tuple[LoadedImage, tuple[int, int]]:  # fmt: skip
-    """Resize to ``resized_size`` (which covers ``bucket``; Lanczos when upscaling, area when downscaling unless
-    ``interpolation`` names a filter) and crop to ``bucket`` (centre, or random). Returns the image and the crop's
-    (top, left) in resized pixels."""
-    pixels = _resize(image.pixels, resized_size, interpolation)
-    alpha = None if image.alpha is None else np.clip(_resize(image.alpha, resized_size, interpolation), 0, 1)
-    height, width = pixels.shape[:2]
-    if width < bucket[0] or height < bucket[1]:
-        raise ValueError(f"resized image {width}x{height} does not cover the bucket {bucket[0]}x{bucket[1]}")
-    spare_w, spare_h = width - bucket[0], height - bucket[1]
-    left = rng.randint(0, spare_w) if random_crop else spare_w // 2
-    top = rng.randint(0, spare_h) if random_crop else spare_h // 2
-    pixels = pixels[top : top + bucket[1], left : left + bucket[0]]
-    if alpha is not None:
-        alpha = alpha[top : top + bucket[1], left : left + bucket[0]].astype(np.float32)
-    alpha = None if alpha is None else np.ascontiguousarray(alpha)
-    return LoadedImage(np.ascontiguousarray(pixels), alpha), (top, left)
+    """Resize to ``resized_size`` (which covers ``bucket``) and crop to ``bucket`` (centre, or random). Returns the
+    image and the crop's (top, left) in resized pixels."""
+    placement = bucket_placement(resized_size, bucket, random_crop=random_crop, rng=rng)
+    return place(image, placement, interpolation), placement.crop_top_left
 
 
 def face_position(path: Path) -> tuple[int, int, int, int] | None:
@@ -186,14 +223,14 @@ def face_position(path: Path) -> tuple[int, int, int, int] | None:
     return (cx, cy, w, h) if w > 0 and h > 0 else None
 
 
-def face_crop(
-    image: LoadedImage, target: tuple[int, int], face: tuple[int, int, int, int], face_range: tuple[float, float],
-    *, random_crop: bool, rng: random.Random, interpolation: str | None = None,
-) -> tuple[LoadedImage, tuple[int, int]]:  # fmt: skip
-    """upstream's face_crop_aug_range: scale so the face's longer side is between ``face_range`` times the
-    target's shorter side (never upscaling past the image), then crop ``target`` around the face. Returns the
-    image and the crop's (top, left)."""
-    height, width = image.pixels.shape[:2]
+def face_placement(
+    size: tuple[int, int], target: tuple[int, int], face: tuple[int, int, int, int], face_range: tuple[float, float],
+    *, random_crop: bool, rng: random.Random, flip: bool = False,
+) -> Placement:  # fmt: skip
+    """upstream's face_crop_aug_range for an image of ``size`` (w, h): scale so the face's longer side is between
+    ``face_range`` times the target's shorter side (never upscaling past the image), then crop ``target`` around
+    the face."""
+    width, height = size
     cx, cy, face_w, face_h = face
     face_size = max(face_w, face_h)
     short = min(target)
@@ -202,13 +239,11 @@ def face_crop(
     high = min(1.0, max(low, short / (face_size * face_range[0])))
     scale = low if low >= high else rng.uniform(low, high)
     scale = max(scale, lowest)
-    size = (max(target[0], int(width * scale + 0.5)), max(target[1], int(height * scale + 0.5)))
-    pixels = _resize(image.pixels, size, interpolation)
-    alpha = None if image.alpha is None else np.clip(_resize(image.alpha, size, interpolation), 0, 1)
-    centre = (int(cx * size[0] / width + 0.5), int(cy * size[1] / height + 0.5))
+    resized = (max(target[0], int(width * scale + 0.5)), max(target[1], int(height * scale + 0.5)))
+    centre = (int(cx * resized[0] / width + 0.5), int(cy * resized[1] / height + 0.5))
     offsets = []
     for axis in (0, 1):  # x then y
-        length, want, at = size[axis], target[axis], centre[axis]
+        length, want, at = resized[axis], target[axis], centre[axis]
         start = at - want // 2
         if random_crop:  # off-centre, favouring the face, to include background
             spread = max(length - at, at)
@@ -217,10 +252,17 @@ def face_crop(
             start += rng.randint(-face_size // 20, face_size // 20)
         offsets.append(max(0, min(start, length - want)))
     left, top = offsets
-    pixels = pixels[top : top + target[1], left : left + target[0]]
-    if alpha is not None:
-        alpha = np.ascontiguousarray(alpha[top : top + target[1], left : left + target[0]].astype(np.float32))
-    return LoadedImage(np.ascontiguousarray(pixels), alpha), (top, left)
+    return Placement(resized, target, top, left, flip)
+
+
+def face_crop(
+    image: LoadedImage, target: tuple[int, int], face: tuple[int, int, int, int], face_range: tuple[float, float],
+    *, random_crop: bool, rng: random.Random, interpolation: str | None = None,
+) -> tuple[LoadedImage, tuple[int, int]]:  # fmt: skip
+    """``face_placement`` applied to ``image``: the image and the crop's (top, left)."""
+    height, width = image.pixels.shape[:2]
+    placement = face_placement((width, height), target, face, face_range, random_crop=random_crop, rng=rng)
+    return place(image, placement, interpolation), placement.crop_top_left
 
 
 def to_tensor(image: LoadedImage) -> tuple[torch.Tensor, torch.Tensor | None]:

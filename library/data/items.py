@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,14 +170,47 @@ def _finetune_items(subset: SubsetConfig) -> tuple[list[ImageItem], list[Path]]:
     return items, missing
 
 
+def _more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def is_scaled_copy(size: tuple[int, int], of: tuple[int, int]) -> bool:
+    """Whether an image of ``size`` (w, h) is the same picture as one of ``of``: the same size, or the same aspect
+    ratio to within one of its own pixels (a uniformly scaled copy, as hint preprocessors write them)."""
+    (width, height), (w, h) = size, of
+    return size == of or (abs(width * h / w - height) <= 1 and abs(height * w / h - width) <= 1)
+
+
 def _attach_conditioning(subset: SubsetConfig, items: list[ImageItem]) -> None:
-    by_stem = {p.stem: p for p in list_images(subset.conditioning_data_dir)}
-    missing = [item.path.name for item in items if item.path.stem not in by_stem]
+    """Pair each image with the conditioning image of the same file stem; a missing or extra conditioning image, or
+    one of another aspect ratio, is a UserError naming the file (before any model loads or cache is written)."""
+    folder = subset.conditioning_data_dir
+    by_stem: dict[str, Path] = {}
+    for path in list_images(folder):
+        if path.stem in by_stem:
+            raise UserError(f"{subset.where}: conditioning_data_dir {folder} has two images named {path.stem} "
+                            f"({by_stem[path.stem].name}, {path.name}); keep one")  # fmt: skip
+        by_stem[path.stem] = path
+    missing = [item.path for item in items if item.path.stem not in by_stem]
     if missing:
-        raise UserError(f"{subset.where}: conditioning_data_dir {subset.conditioning_data_dir} has no image named like "
-                        f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))  # fmt: skip
+        raise UserError(f"{subset.where}: {missing[0]} has no conditioning image: conditioning_data_dir {folder} "
+                        f"has no image named {missing[0].stem}.*{_more(missing)}; add it or remove the training "
+                        "image")  # fmt: skip
+    stems = {item.path.stem for item in items}
+    extra = [path for stem, path in by_stem.items() if stem not in stems]
+    if extra:
+        raise UserError(f"{subset.where}: conditioning image {extra[0]} has no training image: image_dir "
+                        f"{subset.image_dir} has no image named {extra[0].stem}.*{_more(extra)}; add the training "
+                        "image or remove the conditioning image")  # fmt: skip
+    sizes: dict[Path, tuple[int, int]] = {}
     for item in items:
-        item.conditioning_path = by_stem[item.path.stem]
+        path = by_stem[item.path.stem]
+        size = sizes[path] = sizes.get(path) or read_image_size(path)
+        if not is_scaled_copy(size, item.size):
+            raise UserError(f"{subset.where}: conditioning image {path} is {size[0]}x{size[1]}, but its training "
+                            f"image {item.path} is {item.size[0]}x{item.size[1]}; a conditioning image must have "
+                            "its image's size (or be a scaled copy of the same aspect ratio)")  # fmt: skip
+        item.conditioning_path = path
 
 
 def subset_items(subset: SubsetConfig) -> list[ImageItem]:
@@ -220,11 +254,27 @@ def balance_regularization(train: list[ImageItem], reg: list[ImageItem]) -> list
     return used
 
 
+def split_for_validation(
+    items: list[ImageItem], validation_split: float, seed: int
+) -> tuple[list[ImageItem], list[ImageItem]]:
+    """upstream's split_train_val for one subset: the images (in folder order) shuffled by ``random.Random(seed)``,
+    the last ``round(n * validation_split)`` held out for validation; training keeps the rest (upstream keeps the
+    first ``ceil(n * (1 - split))``, which can overlap the held-out ones). Both lists keep the folder order."""
+    if validation_split <= 0 or not items:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = round(len(items) * validation_split)
+    held_out = set(order[len(order) - held :])
+    return ([item for i, item in enumerate(items) if i not in held_out],
+            [item for i, item in enumerate(items) if i in held_out])  # fmt: skip
+
+
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
     """Per image folder, how often each comma-separated tag (lower-cased) occurs in the captions, as upstream's
     ss_tag_frequency."""
     result: dict[str, Counter] = {}
     for item in items:
-        folder = (item.subset.image_dir or item.path.parent).name
+        folder = (item.subset.metadata_file or item.subset.image_dir or item.path.parent).name
         result.setdefault(folder, Counter()).update(t.strip().lower() for t in item.caption.split(",") if t.strip())
     return {folder: dict(counts) for folder, counts in result.items()}

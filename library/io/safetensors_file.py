@@ -24,7 +24,7 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -47,7 +47,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return _DTYPES.get(self.dtype)
+        return SAFETENSORS_DTYPES.get(self.dtype)
 
 
 @dataclass
@@ -74,8 +74,12 @@ def _describe(option: str | None) -> str:
 
 
 def _looks_like_pickle(path: Path) -> bool:
+    """A zip (torch.save) or a pickle (protocol 2+ starts with 0x80) -- but not a safetensors file, whose 8-byte
+    header length may start with 0x80 too: its JSON header begins right after, with '{'."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if head[8:9] == b"{":
+        return False
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
@@ -124,13 +128,20 @@ def read_header(path: str | os.PathLike, option: str | None = None) -> Safetenso
     return SafetensorsHeader(path=path, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})
 
 
+def safe_open_device(device: str | torch.device) -> str:
+    """The device string safetensors accepts: accelerate names the CPU of each process ``cpu:0``, which
+    ``safe_open`` refuses; the CPU is ``cpu``."""
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def iter_tensors(
     path: str | os.PathLike,
     keys: list[str] | None = None,
     device: str | torch.device = "cpu",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one at a time, so a caller converting dtypes never holds the file twice."""
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+    with safe_open(os.fspath(path), framework="pt", device=safe_open_device(device)) as f:
         for key in keys if keys is not None else f.keys():
             yield key, f.get_tensor(key)
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from library.io.safetensors_file import SafetensorsHeader, TensorInfo, read_header
+from library.io.safetensors_file import SafetensorsHeader, TensorInfo, read_header, safe_open_device
 
 
 class TensorSource:
@@ -43,7 +43,7 @@ class TensorSource:
         path = self._file_of[key]
         handle = self._handles.get((path, str(device)))
         if handle is None:
-            handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+            handle = safe_open(os.fspath(path), framework="pt", device=safe_open_device(device))
             self._handles[(path, str(device))] = handle
         return handle.get_tensor(key)
 

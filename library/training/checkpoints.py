@@ -7,6 +7,7 @@ written into a temporary folder and renamed; a kill never leaves a half-written 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -66,6 +67,10 @@ class CheckpointNaming:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
                 logger.info("removed old %s %s", "state" if state else "model", path.name)
+                if not state:  # fine-tuned text encoders saved beside the model: <stem>_clip_l.safetensors ...
+                    for sidecar in self.output_dir.glob(f"{glob.escape(path.stem)}_*{self.extension}"):
+                        sidecar.unlink()
+                        removed.append(sidecar)
         return removed
 
 

@@ -1,43 +1,41 @@
 """The one training loop: LoRA/OFT, full fine-tuning and ControlNet, for every model family.
 
-The loop knows nothing model-specific. The family (``FluxFamily``...) turns latents and text into a
-prediction and draws sample images; the target (``NetworkTarget``...) owns the trained parameters and
-writes the result. Saves, states and samples happen at the step/epoch intervals of ``LoopSettings``.
+The loop knows nothing model-specific. The family (``library/training/family.py`` ``ModelFamily``) turns
+latents and text into a prediction and draws sample images; the target (``NetworkTarget``...) owns the trained
+parameters and writes the result. Saves, states and samples happen at the step/epoch intervals of ``LoopSettings``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from library.errors import UserError
+from library.inference.images import save_png
 from library.training import objective
+from library.training.batch_loss import batch_loss
 from library.training.checkpoints import CheckpointNaming, atomic_directory, write_json
-from library.training.optimizers import optimizer_eval_mode, optimizer_train_mode
+from library.training.family import ModelFamily
+from library.training.metadata import saved_metadata
+from library.training.optimizer_step import OptimizerStep
 from library.training.sample_prompts import SamplePrompt, sample_image_name
+from library.training.validation import Validation, validation_loss
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-
-
-class TrainingFamily(Protocol):
-    def predict(self, noisy_latents: Tensor, t: Tensor, text: dict[str, Tensor], dtype: torch.dtype) -> Tensor: ...
-    def encode_latents(self, images: Tensor) -> Tensor: ...
-    def encode_text(self, captions: list[str]) -> dict[str, Tensor]: ...
-    def image_seq_len(self, latents: Tensor) -> int: ...
-    def sample_image(self, prompt: SamplePrompt, seed: int, dtype: torch.dtype) -> Image.Image: ...
 
 
 class TrainingTarget(Protocol):
@@ -55,8 +53,16 @@ class TrainingTarget(Protocol):
     def set_batch_multipliers(self, multipliers: Tensor | None) -> None:
         """Per-sample strengths of a network for the next forward (targets without one ignore them)."""
 
-    def scale_weight_norms(self, max_norm: float) -> dict[str, float]:
-        """Max-norm regularization after an optimizer step; returns what to log (targets without one: {})."""
+    def scale_weight_norms(self) -> dict[str, float]:
+        """Max-norm regularization after an optimizer step, when configured; returns what to log (else {})."""
+
+    def before_optimizer_step(self) -> None:
+        """After backward and gradient clipping, once gradients are synced, before the optimizer steps (e.g. GGPO
+        reads the gradients' norms here)."""
+
+    def without_adapter(self) -> AbstractContextManager[None]:
+        """The base model's own prediction inside the block (differential output preservation); targets that
+        are the model itself raise UserError."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,8 @@ class LoopSettings:
     sample_at_first: bool = False
     seed: int = 0
     log_prefix: str = ""
-    scale_weight_norms: float | None = None
     masked_loss: bool = False  # conditioning images (R channel) are loss masks, as upstream's --masked_loss
+    control_hints: bool = False  # conditioning images are a ControlNet's control hints (never loss masks)
 
 
 @dataclass
@@ -91,6 +97,8 @@ class TrainState:
     batches_in_epoch: int = 0  # batches of the current epoch already trained
     losses: list[float] = field(default_factory=list)  # this process's run only; not saved
     last_sample_step: int = -1
+    last_saved: Path | None = None  # the last model file written (named when training must stop)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of this run
 
     def to_json(self) -> dict[str, int]:
         return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
@@ -103,12 +111,11 @@ class TrainState:
 @dataclass
 class TrainingRun:
     accelerator: Accelerator
-    family: TrainingFamily
+    family: ModelFamily
     target: TrainingTarget
     dataset: object  # see library/data: set_current_epoch / set_current_step, len(), __getitem__ -> batch
     loader: Iterable
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer_step: OptimizerStep  # the optimizers, their schedules and how they step (plain, fused, blockwise)
     objective: objective.ObjectiveConfig
     settings: LoopSettings
     naming: CheckpointNaming
@@ -116,48 +123,7 @@ class TrainingRun:
     weight_dtype: torch.dtype
     sample_prompts: list[SamplePrompt] = field(default_factory=list)
     sample_dir: Path | None = None
-
-
-def batch_loss(run: TrainingRun, batch: dict) -> Tensor:
-    """The mean training loss of one batch (latents and text from the caches or encoded now)."""
-    device = run.accelerator.device
-    latents = (
-        batch["latents"].to(device) if batch.get("latents") is not None else run.family.encode_latents(batch["images"])
-    )
-    latents = latents.float()
-    multipliers = batch.get("network_multipliers")
-    per_sample = multipliers is not None and bool((multipliers != 1).any())
-    run.target.set_batch_multipliers(multipliers.to(device) if per_sample else None)
-    try:
-        return _batch_loss(run, batch, latents, device)
-    finally:
-        if per_sample:
-            run.target.set_batch_multipliers(None)
-
-
-def _batch_loss(run: TrainingRun, batch: dict, latents: Tensor, device: torch.device) -> Tensor:
-    text = batch.get("text")
-    if text is None:
-        with torch.set_grad_enabled(run.target.trains_text_encoders):
-            text = run.family.encode_text(batch["captions"])
-    noise = objective.make_noise(latents, run.objective)
-    t = objective.sample_timesteps(
-        run.objective, latents.shape[0], image_seq_len=run.family.image_seq_len(latents), device=device
-    )
-    noisy = objective.noisy_model_input(
-        latents, noise, t, ip_noise_gamma=run.objective.ip_noise_gamma,
-        ip_noise_gamma_random_strength=run.objective.ip_noise_gamma_random_strength,
-    )  # fmt: skip
-    with run.accelerator.autocast():
-        pred = run.family.predict(noisy, t, text, run.weight_dtype)
-    mask = batch.get("alpha_masks")
-    if run.settings.masked_loss and batch.get("conditioning_images") is not None:
-        mask = batch["conditioning_images"][:, 0] / 2 + 0.5
-    per_sample = objective.per_sample_loss(pred, noisy, latents, noise, t, run.objective, mask=mask)
-    weights = batch.get("loss_weights")
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
-    return per_sample.mean()
+    validation: Validation | None = None
 
 
 def _due(step_or_epoch: int, every: int | None) -> bool:
@@ -167,11 +133,9 @@ def _due(step_or_epoch: int, every: int | None) -> bool:
 def save_model(run: TrainingRun, path: Path, state: TrainState, kind: str, number: int) -> None:
     if not run.accelerator.is_main_process:
         return
-    metadata = {}  # --no_metadata: nothing at all
-    if run.metadata:
-        metadata = dict(run.metadata, ss_steps=str(state.global_step), ss_epoch=str(state.epoch),
-                        ss_training_finished_at=str(time.time()))  # fmt: skip
+    metadata = saved_metadata(run.metadata, steps=state.global_step, epoch=state.epoch, finished_at=time.time())
     run.target.save(path, metadata)
+    state.last_saved = path
     logger.info("saved %s", path)
     s = run.settings
     if kind == "step" and s.save_last_n_steps is not None:  # keep the saves of the last N steps, as upstream
@@ -215,9 +179,8 @@ def sample_images(run: TrainingRun, state: TrainState, epoch: int | None) -> lis
     if not run.sample_prompts or not run.accelerator.is_main_process:
         return []
     state.last_sample_step = state.global_step
-    from library.inference.flux_generate import save_png
 
-    optimizer_eval_mode(run.optimizer)
+    run.optimizer_step.eval_mode()
     run.target.set_train(False)
     stamp = time.strftime("%Y%m%d%H%M%S")
     paths = []
@@ -232,22 +195,15 @@ def sample_images(run: TrainingRun, state: TrainState, epoch: int | None) -> lis
     finally:
         torch.set_rng_state(rng)  # sampling never changes the training's random stream
         run.target.set_train(True)
-        optimizer_train_mode(run.optimizer)
+        run.optimizer_step.train_mode()
     logger.info("wrote %d sample images to %s", len(paths), run.sample_dir)
     return paths
 
 
-def _optimizer_step(run: TrainingRun, loss: Tensor) -> None:
-    run.accelerator.backward(loss)
-    if run.accelerator.sync_gradients and run.settings.max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.target.module.parameters(), run.settings.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-def _after_step(run: TrainingRun, state: TrainState) -> None:
+def _after_step(run: TrainingRun, state: TrainState, progress: _Progress) -> None:
     s, step = run.settings, state.global_step
+    if run.validation and run.validation.settings.due_after_step(step):
+        progress.validated(_validate(run, state, "step", progress))
     if _due(step, s.sample_every_n_steps):
         sample_images(run, state, None)
     if _due(step, s.save_every_n_steps) and step < s.max_train_steps:
@@ -258,8 +214,10 @@ def _after_step(run: TrainingRun, state: TrainState) -> None:
                 run.naming.remove_old("step", step, s.save_last_n_steps_state + 1, state=True)
 
 
-def _after_epoch(run: TrainingRun, state: TrainState) -> None:
+def _after_epoch(run: TrainingRun, state: TrainState, progress: _Progress) -> None:
     s, epoch = run.settings, state.epoch
+    if run.validation and run.validation.settings.due_after_epoch(epoch):
+        progress.validated(_validate(run, state, "epoch", progress))
     if _due(epoch, s.sample_every_n_epochs):
         sample_images(run, state, epoch)
     if _due(epoch, s.save_every_n_epochs) and epoch < s.num_epochs and state.global_step < s.max_train_steps:
@@ -270,16 +228,60 @@ def _after_epoch(run: TrainingRun, state: TrainState) -> None:
                 run.naming.remove_old("epoch", epoch, s.save_every_n_epochs * s.save_last_n_epochs_state, state=True)
 
 
+def _validate(run: TrainingRun, state: TrainState, kind: str, progress: _Progress) -> float:
+    """One validation pass, logged as upstream names it (``loss/validation/{step,epoch}_average`` and the
+    divergence from the training loss's moving average)."""
+    value = validation_loss(run, run.validation)
+    state.validation_losses.append((state.global_step, value))
+    prefix = run.settings.log_prefix
+    run.accelerator.log({f"{prefix}loss/validation/{kind}_average": value,
+                         f"{prefix}loss/validation/{kind}_divergence": value - progress.average},
+                        step=state.global_step)  # fmt: skip
+    logger.info("validation loss after %s %d: %.5f", kind, state.global_step if kind == "step" else state.epoch, value)
+    return value
+
+
+class _Progress:
+    """The progress bar with the moving-average loss, the learning rate and the last validation loss."""
+
+    def __init__(self, run: TrainingRun, state: TrainState):
+        s = run.settings
+        self.bar = tqdm(total=s.max_train_steps, initial=state.global_step, desc="steps",
+                        disable=not run.accelerator.is_main_process)  # fmt: skip
+        self.recent: deque[float] = deque(maxlen=20)
+        self.fields: dict[str, str] = {}
+
+    @property
+    def average(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    def stepped(self, loss: float, lr: float, norms: dict[str, float]) -> None:
+        self.recent.append(loss)
+        self.fields.update(avr_loss=f"{self.average:.4f}", lr=f"{lr:.2e}")
+        self.fields.update({k.split("/")[-1]: f"{v:g}" for k, v in norms.items() if k.endswith("keys_scaled")})
+        self.bar.update(1)
+        self.bar.set_postfix(self.fields)
+
+    def validated(self, loss: float) -> None:
+        self.fields["val_loss"] = f"{loss:.4f}"
+        self.bar.set_postfix(self.fields)
+
+
+def _check_finite(value: float, state: TrainState) -> None:
+    """A NaN or infinite loss stops the run before anything non-finite is saved (upstream trains on)."""
+    if not math.isfinite(value):
+        last = state.last_saved or "none (nothing was saved in this run)"
+        raise UserError(f"the loss became {value} at step {state.global_step}; training stopped so that no "
+                        f"non-finite weights are saved. The last good saved file: {last}")  # fmt: skip
+
+
 def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
     """Train until max_train_steps or num_epochs; returns the final state."""
     state = state or TrainState()
     s = run.settings
-    bar = tqdm(
-        total=s.max_train_steps, initial=state.global_step, desc="steps", disable=not run.accelerator.is_main_process
-    )
-    recent: deque[float] = deque(maxlen=20)
+    progress = _Progress(run, state)
     run.target.set_train(True)
-    optimizer_train_mode(run.optimizer)
+    run.optimizer_step.train_mode()
     if s.sample_at_first and state.global_step == 0:
         sample_images(run, state, None)
     if len(run.dataset) == 0:
@@ -290,37 +292,31 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
             if index < state.batches_in_epoch:
                 continue  # resuming inside an epoch: the same order, already trained
             run.dataset.set_current_step(state.global_step)
+            for swap in run.family.block_swaps:
+                swap.prepare_for_training()
             with run.accelerator.accumulate(run.target.module):
                 loss = batch_loss(run, batch)
-                _optimizer_step(run, loss)
+                run.optimizer_step.step(run.accelerator, loss, run.target.before_optimizer_step)
             state.batches_in_epoch = index + 1
             if not run.accelerator.sync_gradients:
                 continue
             state.global_step += 1
             value = run.accelerator.gather(loss.detach()).mean().item()
+            _check_finite(value, state)
             state.losses.append(value)
-            recent.append(value)
-            lr = run.scheduler.get_last_lr()[0]
-            norms = run.target.scale_weight_norms(s.scale_weight_norms) if s.scale_weight_norms else {}
-            bar.update(1)
-            bar.set_postfix(avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}",
-                            **{k.split("/")[-1]: f"{v:g}" for k, v in norms.items() if k.endswith("keys_scaled")})  # fmt: skip
-            run.accelerator.log(
-                {
-                    f"{s.log_prefix}loss/current": value,
-                    f"{s.log_prefix}lr/unet": lr,
-                    **{f"{s.log_prefix}{k}": v for k, v in norms.items()},
-                },
-                step=state.global_step,
-            )
-            _after_step(run, state)
+            lr = run.optimizer_step.lr
+            norms = run.target.scale_weight_norms()
+            progress.stepped(value, lr, norms)
+            run.accelerator.log({f"{s.log_prefix}loss/current": value, f"{s.log_prefix}lr/unet": lr,
+                                 **{f"{s.log_prefix}{k}": v for k, v in norms.items()}}, step=state.global_step)  # fmt: skip
+            _after_step(run, state, progress)
             if state.global_step >= s.max_train_steps:
                 break
         if state.batches_in_epoch >= len(run.dataset):
             state.epoch += 1
             state.batches_in_epoch = 0
-            _after_epoch(run, state)
-    bar.close()
+            _after_epoch(run, state, progress)
+    progress.bar.close()
     run.accelerator.wait_for_everyone()
     save_model(run, run.naming.last_file(), state, "last", state.global_step)
     if s.save_state or s.save_state_on_train_end:

@@ -9,12 +9,18 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from transformers import optimization as hf
 
 from library.errors import UserError
 from library.training.optimizers import is_schedule_free, parse_key_value_args, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
+
+
+def _hf():
+    """transformers' schedules, imported when first needed: importing them pulls in peft and bitsandbytes."""
+    from transformers import optimization
+
+    return optimization
 
 SCHEDULERS = (
     "constant",
@@ -54,7 +60,7 @@ def resolve_step_count(value: str | float | int, total_steps: int, option: str =
 
 def _adafactor_relative_step(optimizer: Optimizer) -> bool:
     inner = unwrap_optimizer(optimizer)
-    return isinstance(inner, hf.Adafactor) and bool(inner.defaults.get("relative_step"))
+    return isinstance(inner, _hf().Adafactor) and bool(inner.defaults.get("relative_step"))
 
 
 def _no_warmup(name: str, num_warmup_steps: int) -> None:
@@ -79,10 +85,10 @@ def _custom_scheduler(name: str, optimizer: Optimizer, kwargs: dict[str, Any]) -
 
 def _adafactor_schedule(name: str, optimizer: Optimizer) -> LRScheduler:
     """Adafactor's own step size, reported as the lr; ``adafactor:<lr>`` gives the value shown before step 1."""
-    if not isinstance(unwrap_optimizer(optimizer), hf.Adafactor):
+    if not isinstance(unwrap_optimizer(optimizer), _hf().Adafactor):
         raise UserError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
     initial_lr = float(name.partition(":")[2] or 0.0)
-    return hf.AdafactorSchedule(unwrap_optimizer(optimizer), initial_lr)
+    return _hf().AdafactorSchedule(unwrap_optimizer(optimizer), initial_lr)
 
 
 def build_lr_scheduler(
@@ -122,16 +128,16 @@ def build_lr_scheduler(
     steps = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps}
     if name == "constant":
         _no_warmup(name, num_warmup_steps)
-        return _call("--lr_scheduler_args", hf.get_constant_schedule, optimizer, **kwargs)
+        return _call("--lr_scheduler_args", _hf().get_constant_schedule, optimizer, **kwargs)
     if name == "piecewise_constant":
         from diffusers.optimization import get_piecewise_constant_schedule
 
         return _call("--lr_scheduler_args", get_piecewise_constant_schedule, optimizer, **kwargs)
     if name == "constant_with_warmup":
-        return _call("--lr_scheduler_args", hf.get_constant_schedule_with_warmup, optimizer, num_warmup_steps, **kwargs)
+        return _call("--lr_scheduler_args", _hf().get_constant_schedule_with_warmup, optimizer, num_warmup_steps, **kwargs)
     if name == "inverse_sqrt":
         schedule_kwargs = {"num_warmup_steps": num_warmup_steps, "timescale": timescale}
-        return _call("--lr_scheduler_args", hf.get_inverse_sqrt_schedule, optimizer, **schedule_kwargs, **kwargs)
+        return _call("--lr_scheduler_args", _hf().get_inverse_sqrt_schedule, optimizer, **schedule_kwargs, **kwargs)
     return _decaying_scheduler(name, optimizer, steps, num_decay_steps, num_cycles, power, min_lr_ratio, kwargs)
 
 
@@ -147,21 +153,21 @@ def _decaying_scheduler(
 ) -> LRScheduler:
     """Schedules that decay over ``num_training_steps``: linear, cosine(+restarts/min lr), polynomial, WSD."""
     if name == "linear":
-        return _call("--lr_scheduler_args", hf.get_linear_schedule_with_warmup, optimizer, **steps, **kwargs)
+        return _call("--lr_scheduler_args", _hf().get_linear_schedule_with_warmup, optimizer, **steps, **kwargs)
     if name == "cosine":
-        return _call("--lr_scheduler_args", hf.get_cosine_schedule_with_warmup, optimizer, **steps, **kwargs)
+        return _call("--lr_scheduler_args", _hf().get_cosine_schedule_with_warmup, optimizer, **steps, **kwargs)
     if name == "cosine_with_restarts":
-        fn = hf.get_cosine_with_hard_restarts_schedule_with_warmup
+        fn = _hf().get_cosine_with_hard_restarts_schedule_with_warmup
         return _call("--lr_scheduler_args", fn, optimizer, **steps, num_cycles=num_cycles, **kwargs)
     if name == "polynomial":
-        fn = hf.get_polynomial_decay_schedule_with_warmup
+        fn = _hf().get_polynomial_decay_schedule_with_warmup
         return _call("--lr_scheduler_args", fn, optimizer, **steps, power=power, **kwargs)
     if min_lr_ratio is not None and not 0 <= min_lr_ratio <= 1:
         raise UserError(f"--lr_scheduler_min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if name == "cosine_with_min_lr":
         if min_lr_ratio is None:
             raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio")
-        fn = hf.get_cosine_with_min_lr_schedule_with_warmup
+        fn = _hf().get_cosine_with_min_lr_schedule_with_warmup
         schedule = {"num_cycles": num_cycles / 2, "min_lr_rate": min_lr_ratio}
         return _call("--lr_scheduler_args", fn, optimizer, **steps, **schedule, **kwargs)
     num_stable_steps = steps["num_training_steps"] - steps["num_warmup_steps"] - num_decay_steps
@@ -174,7 +180,7 @@ def _decaying_scheduler(
         "num_cycles": num_cycles / 2,
         "min_lr_ratio": 0.0 if min_lr_ratio is None else min_lr_ratio,
     }
-    return _call("--lr_scheduler_args", hf.get_wsd_schedule, optimizer, **schedule, **kwargs)
+    return _call("--lr_scheduler_args", _hf().get_wsd_schedule, optimizer, **schedule, **kwargs)
 
 
 def _call(option: str, fn: Any, *args: Any, **kwargs: Any) -> LRScheduler:

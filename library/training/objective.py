@@ -1,7 +1,7 @@
 """The rectified-flow training objective: timestep sampling, noise, noisy input, target, weighting and loss.
 
 Convention: ``noisy = (1 - t) * x0 + t * noise`` with ``t`` in [0, 1] (1 is pure noise); the model predicts the
-velocity ``noise - x0``. FLUX is given ``t`` itself (it multiplies by 1000 inside). See docs/objective.md.
+velocity ``noise - x0``. Each family gives its denoiser ``t`` on its own scale. See docs/objective.md.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from library.errors import UserError
-from library.models.flux.sampling import resolution_mu, time_shift
+from library.models.flow_shift import resolution_mu, time_shift
 
 logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "density_shift")
 PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
@@ -90,7 +90,7 @@ class ObjectiveConfig:
                 "--weighting_scheme %s only weights the loss with --model_prediction_type sigma_scaled; ignored",
                 self.weighting_scheme,
             )
-        if self.weighting_scheme in ("logit_normal", "mode") and self.timestep_sampling != "sigma":
+        if self.weighting_scheme in ("logit_normal", "mode") and self.timestep_sampling not in ("sigma", "density_shift"):
             logger.warning(
                 "--weighting_scheme %s only shapes --timestep_sampling sigma; ignored", self.weighting_scheme
             )
@@ -125,12 +125,12 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
-    """SD3's discrete flow shift: ``t' = s t / (1 + (s - 1) t)``."""
+    """The discrete flow shift: ``t' = s t / (1 + (s - 1) t)``."""
     return shift * t / (1 + (shift - 1) * t)
 
 
 def timestep_density_sample(cfg: ObjectiveConfig, batch_size: int, generator: torch.Generator | None) -> Tensor:
-    """u in [0, 1] from SD3's density for ``weighting_scheme`` (logit_normal, mode, otherwise uniform)."""
+    """u in [0, 1] from the density for ``weighting_scheme`` (logit_normal, mode, otherwise uniform)."""
     if cfg.weighting_scheme == "logit_normal":
         return torch.sigmoid(cfg.logit_mean + cfg.logit_std * _randn((batch_size,), generator, "cpu"))
     u = _rand((batch_size,), generator, "cpu")
@@ -140,7 +140,7 @@ def timestep_density_sample(cfg: ObjectiveConfig, batch_size: int, generator: to
 
 
 def discrete_sigmas(shift: float) -> Tensor:
-    """The SD3 Euler discrete scheduler's 1000 training sigmas, from 1 down to shift(0.001)."""
+    """The flow-matching Euler discrete scheduler's 1000 training sigmas, from 1 down to shift(0.001)."""
     t = torch.arange(NUM_TRAIN_TIMESTEPS, 0, -1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
     return shift_timesteps(t, shift)
 
@@ -155,10 +155,14 @@ def sample_timesteps(
 ) -> Tensor:
     """t in [0, 1] of shape [batch_size] for ``cfg.timestep_sampling``, mapped into --min/--max_timestep.
 
-    ``image_seq_len`` (packed image tokens, (H/2)(W/2) of the latent) is needed by flux_shift only.
+    ``image_seq_len`` (packed image tokens, (H/2)(W/2) of the latent) is needed by flux_shift only. density_shift
+    is upstream's rectified-flow script sampling: u from the weighting_scheme density, ``t = shift(u)`` with
+    discrete_flow_shift, continuous (upstream floors 1000 t to an integer, so t = 0 can occur there).
     """
     mode = cfg.timestep_sampling
-    if mode == "uniform":
+    if mode == "density_shift":
+        t = shift_timesteps(timestep_density_sample(cfg, batch_size, generator), cfg.discrete_flow_shift)
+    elif mode == "uniform":
         t = _rand((batch_size,), generator, "cpu")
     elif mode == "sigma":
         u = timestep_density_sample(cfg, batch_size, generator)
@@ -230,7 +234,7 @@ def training_target(latents: Tensor, noise: Tensor, cfg: ObjectiveConfig) -> Ten
 
 
 def loss_weighting(cfg: ObjectiveConfig, t: Tensor) -> Tensor:
-    """SD3's loss weights: sigma_sqrt ``t^-2`` (t clamped to >= 0.001), cosmap ``2 / (pi (1 - 2t + 2t^2))``, else 1."""
+    """The rectified-flow loss weights: sigma_sqrt ``t^-2`` (t clamped to >= 0.001), cosmap ``2 / (pi (1 - 2t + 2t^2))``, else 1."""
     t = t.float()
     if cfg.weighting_scheme == "sigma_sqrt":
         return t.clamp(min=MIN_WEIGHTING_T) ** -2.0
@@ -323,9 +327,13 @@ def per_sample_loss(
     t: Tensor,
     cfg: ObjectiveConfig,
     mask: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
-    """The whole objective for one batch in float32: prediction type, target, loss type, weighting and mask -> [B]."""
+    """The whole objective for one batch in float32: prediction type, target, loss type, weighting and mask -> [B].
+
+    ``target`` replaces :func:`training_target` (e.g. a prior prediction passed through
+    :func:`apply_model_prediction_type`, for differential output preservation)."""
     pred, weighting = apply_model_prediction_type(pred.float(), noisy.float(), t, cfg)
-    target = training_target(latents.float(), noise.float(), cfg)
+    target = training_target(latents.float(), noise.float(), cfg) if target is None else target.float()
     loss = conditional_loss(pred, target, cfg.loss_type, huber_c_for(cfg, t))
     return masked_mean_loss(loss, mask, weighting)

@@ -1,7 +1,7 @@
 """Prompt files for sample images during training (upstream's formats).
 
 ``.txt``: one prompt per line, ``#`` comments, options after the prompt: ``--w`` width, ``--h`` height,
-``--d`` seed, ``--s`` steps, ``--l`` CFG scale, ``--g`` guidance (FLUX's distilled guidance), ``--n`` negative
+``--d`` seed, ``--s`` steps, ``--l`` CFG scale, ``--g`` guidance (distilled guidance, for models that take it), ``--cn`` a ControlNet's control image, ``--n`` negative
 prompt. ``.toml``: a ``[prompt]`` table of defaults with ``[[prompt.subset]]`` entries. ``.json``: a list of
 strings (parsed like txt lines) or of objects with the same keys as the toml.
 """
@@ -26,9 +26,16 @@ class SamplePrompt:
     width: int = 512
     height: int = 512
     seed: int | None = None
-    sample_steps: int = 20
-    scale: float = 1.0  # CFG scale (true CFG when > 1 and a negative prompt is given)
-    guidance_scale: float = 3.5
+    sample_steps: int | None = None  # None: the family's default (upstream's differ by model)
+    scale: float | None = None  # CFG scale; None: the family's default
+    guidance_scale: float = 3.5  # distilled guidance, for models that take it
+    controlnet_image: str | None = None  # --cn: the control image for a ControlNet
+
+    def steps_or(self, default: int) -> int:
+        return self.sample_steps if self.sample_steps is not None else default
+
+    def scale_or(self, default: float) -> float:
+        return self.scale if self.scale is not None else default
 
 
 _LINE_OPTIONS = {
@@ -39,6 +46,7 @@ _LINE_OPTIONS = {
     "l": ("scale", float),
     "g": ("guidance_scale", float),
     "n": ("negative_prompt", str),
+    "cn": ("controlnet_image", str),
 }
 _OPTION = re.compile(r"^(\w+)\s+(.*)$", re.DOTALL)
 
@@ -51,7 +59,7 @@ def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
         match = _OPTION.match(option.strip())
         key = match.group(1).lower() if match else option.strip()
         if not match or key not in _LINE_OPTIONS:
-            raise UserError(f"{where}: unknown sample option '--{key}' (use --w --h --d --s --l --g --n)")
+            raise UserError(f"{where}: unknown sample option '--{key}' (use --w --h --d --s --l --g --n --cn)")
         name, kind = _LINE_OPTIONS[key]
         try:
             values[name] = kind(match.group(2).strip())
@@ -72,11 +80,12 @@ def _make(index: int, entry: dict, where: str) -> SamplePrompt:
         prompt = SamplePrompt(index=index, **values)
     except TypeError as e:
         raise UserError(f"{where}: {e}") from None
-    if prompt.width < 16 or prompt.height < 16 or prompt.sample_steps < 1:
+    steps = prompt.sample_steps
+    if prompt.width < 16 or prompt.height < 16 or steps is not None and steps < 1:
         raise UserError(
-            f"{where}: width/height must be >= 16 and steps >= 1 (got {prompt.width}x{prompt.height}, {prompt.sample_steps} steps)"
+            f"{where}: width/height must be >= 16 and steps >= 1 (got {prompt.width}x{prompt.height}, {steps} steps)"
         )
-    return replace(prompt, sample_steps=min(prompt.sample_steps, 1000))
+    return prompt if steps is None else replace(prompt, sample_steps=min(steps, 1000))
 
 
 def load_sample_prompts(path: str | Path, option: str = "--sample_prompts") -> list[SamplePrompt]:

@@ -6,8 +6,10 @@ fine-tuning and ControlNet targets follow the same small contract (``module``, `
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +36,9 @@ class NetworkOptions:
     @classmethod
     def from_cli(cls, module: str | None, dim: int | None, alpha: float, dropout: float | None,
                  args: list[str] | None, weights: str | None, dim_from_weights: bool,
-                 unet_only: bool, text_encoder_only: bool) -> NetworkOptions:  # fmt: skip
+                 unet_only: bool, text_encoder_only: bool, example_module: str) -> NetworkOptions:  # fmt: skip
         if not module:
-            raise UserError("--network_module is required (e.g. networks.lora_flux)")
+            raise UserError(f"--network_module is required (e.g. {example_module})")
         if unet_only and text_encoder_only:
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
         if dim_from_weights and not weights:
@@ -54,7 +56,15 @@ def import_network_module(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        raise UserError(f"--network_module {name}: cannot import ({e.msg}); use networks.lora_flux") from None
+        raise UserError(f"--network_module {name}: cannot import ({e.msg}); check the module name") from None
+
+
+def trained_text_encoders(network: nn.Module) -> set[int]:
+    """Indices of the text encoders (in the family's order, as the network's ``text_encoder_prefixes``) that have
+    network modules."""
+    prefixes = getattr(network, "text_encoder_prefixes", ())
+    names = [m.name for m in getattr(network, "text_encoder_adapters", [])]
+    return {i for i, prefix in enumerate(prefixes) if any(n.startswith(prefix + "_") for n in names)}
 
 
 class NetworkTarget:
@@ -66,11 +76,15 @@ class NetworkTarget:
         trains_text_encoders: bool,
         save_dtype: torch.dtype | None,
         prepared: nn.Module | None = None,
+        max_norm: float | None = None,
+        block_swaps: list | None = None,
     ):
         self.module = prepared if prepared is not None else network  # what accelerate prepared (DDP-wrapped or not)
         self.network = network
         self.trains_text_encoders = trains_text_encoders
         self.save_dtype = save_dtype
+        self.max_norm = max_norm  # --scale_weight_norms
+        self.block_swaps = block_swaps or []  # GGPO reads base weights, which block swap may be moving
 
     def set_train(self, train: bool) -> None:
         self.module.train(train)
@@ -80,13 +94,37 @@ class NetworkTarget:
         forward; None restores 1.0."""
         self.network.set_multiplier(1.0 if multipliers is None else multipliers)
 
-    def scale_weight_norms(self, max_norm: float) -> dict[str, float]:
+    def scale_weight_norms(self) -> dict[str, float]:
         """--scale_weight_norms: upstream's max-norm regularization of each LoRA module's delta, logged as
         upstream logs it."""
+        if not self.max_norm:
+            return {}
         device = next(self.network.parameters()).device
-        scaled, mean_norm, max_key_norm = self.network.apply_max_norm_regularization(max_norm, device)
+        scaled, mean_norm, max_key_norm = self.network.apply_max_norm_regularization(self.max_norm, device)
         return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
                 "max_norm/max_key_norm": max_key_norm}  # fmt: skip
 
+    def before_optimizer_step(self) -> None:
+        """GGPO (``ggpo_beta``/``ggpo_sigma``): the norms its weight perturbation uses, from this step's gradients."""
+        if hasattr(self.network, "update_grad_norms"):
+            for swap in self.block_swaps:
+                swap.synchronize()
+            self.network.update_grad_norms()
+            self.network.update_norms()
+
+    @contextlib.contextmanager
+    def without_adapter(self) -> Iterator[None]:
+        """The base model alone inside the block (the network's multipliers are kept for afterwards)."""
+        self.network.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.network.set_enabled(True)
+
     def save(self, path: Path, metadata: dict[str, str]) -> None:
+        """Write the network; weights that are NaN or infinite are never written (the previous file stays)."""
+        broken = [k for k, v in self.network.state_dict().items() if not bool(torch.isfinite(v).all())]
+        if broken:
+            raise UserError(f"not saving {path}: {len(broken)} network tensors are NaN or infinite (e.g. {broken[0]}); "
+                            "lower the learning rate or check the data")  # fmt: skip
         self.network.save_weights(path, self.save_dtype, metadata)

@@ -169,3 +169,27 @@ def test_truncated_file(tiny_state, tmp_path):
     with pytest.raises(UserError) as error:
         load_flux_model(path, option=OPTION)
     _one_line(error, OPTION, str(path), "truncated")
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """Pickles (protocol 2+) start with byte 0x80, and so does a safetensors file whose header is 128 + 256 k bytes
+    long: one in 32 files. The JSON header that follows tells them apart."""
+    import json
+    import struct
+
+    from library.io.safetensors_file import read_header
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (0x80 - len(header))
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    assert path.read_bytes()[0] == 0x80
+    assert read_header(path, OPTION).keys() == ["x"]
+
+
+def test_loading_onto_the_per_process_cpu_device(tiny_state, tmp_path):
+    """accelerate gives each CPU process the device ``cpu:0``, which safetensors' safe_open refuses."""
+    _, state = tiny_state
+    path = _save(state, tmp_path / "t.safetensors")
+    model = load_flux_model(path, dtype=torch.float32, device=torch.device("cpu", 0), option=OPTION)
+    assert next(model.parameters()).device.type == "cpu"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -17,7 +19,7 @@ from library.models.flux.model import Flux
 from library.models.flux.sampling import prepare_img_ids
 from library.models.flux.tiny import make_flux_state_dict, tiny_flux_params
 from networks import lora_flux
-from networks.lora import LoRAModule, lora_delta, merge_lora_weight
+from networks.lora import GGPO, LoRAModule, lora_delta, merge_lora_weight
 
 
 def tiny_flux(seed: int = 0) -> Flux:
@@ -302,20 +304,18 @@ def test_save_and_load_weights_round_trip_and_errors(tmp_path):
 
     state = dict(network.state_dict())
     with pytest.raises(UserError, match="lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight"):
-        fresh.load_weights({**state, "lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": torch.zeros(4, 256)})
-    del state["lora_unet_single_blocks_1_linear2.alpha"]
-    with pytest.raises(UserError, match="missing keys: lora_unet_single_blocks_1_linear2.alpha"):
+        fresh.load_weights({**state, "lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": torch.zeros(4, 256)},
+                           strict=True)  # fmt: skip
+    del state["lora_unet_single_blocks_1_linear2.lora_up.weight"]
+    with pytest.raises(UserError, match="missing keys: lora_unet_single_blocks_1_linear2.lora_up.weight"):
+        fresh.load_weights(state, strict=True)
+    with pytest.raises(UserError, match="lora_unet_single_blocks_1_linear2: lora_down.weight and lora_up.weight"):
         fresh.load_weights(state)
-    result = fresh.load_weights(state, strict=False)
-    assert result.missing_keys == ["lora_unet_single_blocks_1_linear2.alpha"]
-    state["lora_unet_single_blocks_1_linear2.alpha"] = torch.tensor(2.0)
-    state["lora_unet_txt_in.lora_down.weight"] = torch.zeros(4, 128)
-    with pytest.raises(UserError, match="lora_unet_txt_in"):
-        fresh.load_weights(state)
-    state.pop("lora_unet_txt_in.lora_down.weight")
+    state["lora_unet_single_blocks_1_linear2.lora_up.weight"] = torch.zeros(256, 4)
     state["lora_unet_single_blocks_0_linear1.lora_down.weight"] = torch.zeros(8, 256)
-    with pytest.raises(UserError, match="wrong shape: lora_unet_single_blocks_0_linear1.lora_down.weight"):
-        fresh.load_weights(state)
+    for strict in (True, False):
+        with pytest.raises(UserError, match="wrong shape: lora_unet_single_blocks_0_linear1.lora_down.weight"):
+            fresh.load_weights(state, strict=strict)
 
 
 def test_loaded_alpha_sets_the_scale():
@@ -357,3 +357,158 @@ def test_merge_to_from_a_file_equals_the_applied_lora():
     assert all(lora.merged == 1.0 for lora in inference.loras)
     with pytest.raises(UserError, match="lora_unet_nope"):
         inference.merge_to([clip], flux, {**weights, "lora_unet_nope.alpha": torch.tensor(1.0)})
+
+
+# ---- continuing from a file whose modules differ (upstream loads with strict=False) --------------------------
+
+
+def test_load_weights_takes_matching_modules_and_reports_the_rest(tmp_path, caplog):
+    flux, clip = tiny_flux(), tiny_clip()
+    double_only = lora_flux.create_network(1.0, 4, 2.0, None, [clip, None], flux, train_blocks="double")
+    randomize(double_only)
+    path = tmp_path / "double.safetensors"
+    double_only.save_weights(path, None, None)
+
+    continued = lora_flux.create_network(1.0, 4, 2.0, None, [clip, None], flux)  # train_blocks=all
+    continued.apply_to([clip, None], flux, apply_text_encoder=False)  # --network_train_unet_only
+    with caplog.at_level("INFO", logger="networks.lora"):
+        result = continued.load_weights(path)
+    doubles = [m for m in continued.loras if "double_blocks" in m.lora_name]
+    singles = [m for m in continued.loras if "single_blocks" in m.lora_name]
+    te_modules = len(double_only.text_encoder_loras)
+    expected = f"{len(doubles)} modules from the file, {len(singles)} start fresh (not in the file), {te_modules} "
+    assert expected + "file modules unused (not in this network)" in caplog.text
+    saved = double_only.state_dict()
+    for lora in doubles:
+        assert torch.equal(lora.lora_up.weight, saved[f"{lora.lora_name}.lora_up.weight"])
+    assert all(not lora.lora_up.weight.any() for lora in singles)  # fresh: up starts at zero
+    assert any(k.startswith("lora_te1_") for k in result.unexpected_keys)
+    assert all(k.partition(".")[0].startswith("lora_unet_single_") for k in result.missing_keys)
+
+    no_alpha = {k: v for k, v in saved.items() if not k.endswith(".alpha")}  # alpha absent: alpha = rank
+    continued.load_weights(no_alpha)
+    assert float(doubles[0].alpha) == 4.0 and doubles[0].scale == 1.0
+
+
+def test_load_weights_with_nothing_in_common_is_one_user_error(tmp_path):
+    flux = tiny_flux()
+    network = lora_flux.create_network(1.0, 4, 1.0, None, None, flux)
+    sd3_like = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 128),
+                "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(384, 4)}  # fmt: skip
+    path = tmp_path / "sd3_lora.safetensors"
+    save_file(sd3_like, str(path))
+    with pytest.raises(
+        UserError,
+        match=r"sd3_lora.safetensors: none of its 1 modules is in this network "
+        r"\(e.g. lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight\)",
+    ):
+        network.load_weights(path)  # fmt: skip
+
+
+# ---- network_args leniency and booleans --------------------------------------------------------------------
+
+
+def test_unused_network_args_are_one_warning(caplog):
+    flux = meta_flux()
+    with caplog.at_level("WARNING"):
+        network = lora_flux.create_network(1.0, 4, 1.0, None, None, flux, conv_dim="4", conv_alpha="1",
+                                           dropout="0.1", algo="lora", img_attn_dim="2")  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["--network_args algo, conv_alpha, conv_dim, dropout: not used by networks.lora_flux, ignored"]
+    assert network.get_submodule("lora_unet_double_blocks_0_img_attn_qkv").lora_dim == 2
+
+
+@pytest.mark.parametrize(("text", "split"), [("True", True), ("true", True), ("1", True), ("False", False),
+                                              ("false", False), ("0", False)])  # fmt: skip
+def test_boolean_network_args(text, split):
+    network = lora_flux.create_network(1.0, 4, 1.0, None, None, meta_flux(), split_qkv=text)
+    assert (network.get_submodule("lora_unet_double_blocks_0_img_attn_qkv").split_dims is not None) == split
+
+
+def meta_flux() -> Flux:
+    with torch.device("meta"):
+        return Flux(tiny_flux_params())
+
+
+# ---- network_reg_lrs ---------------------------------------------------------------------------------------
+
+
+def test_network_reg_lrs_groups_first_match_wins_and_lr_zero_freezes():
+    flux, clip = tiny_flux(), tiny_clip()
+    network = lora_flux.create_network(1.0, 4, 1.0, None, [clip, None], flux, loraplus_unet_lr_ratio="4",
+                                       network_reg_lrs="double_blocks_0=1e-2, double_blocks=5e-3,"
+                                                       "single_blocks_1_linear2=0, lora_te1_.*mlp=2e-5")  # fmt: skip
+    network.apply_to([clip, None], flux)
+    groups, names = network.prepare_optimizer_params(1e-5, 1e-3, 1e-4)
+    assert names == ["textencoder 1  reg_lr_3", "textencoder 1 ", "unet reg_lr_0", "unet reg_lr_0 plus",
+                     "unet reg_lr_1", "unet reg_lr_1 plus", "unet", "unet plus"]  # fmt: skip
+    assert [g["lr"] for g in groups] == pytest.approx([2e-5, 1e-5, 1e-2, 4e-2, 5e-3, 2e-2, 1e-3, 4e-3])
+
+    def modules(group):
+        ids = {id(p) for p in group["params"]}
+        return {m.lora_name for m in network.loras for p in m.parameters() if id(p) in ids}
+
+    assert modules(groups[2]) == {m.lora_name for m in network.loras if "double_blocks_0_" in m.lora_name}
+    assert modules(groups[4]) == {m.lora_name for m in network.loras if "double_blocks_1_" in m.lora_name}
+    assert modules(groups[0]) == {m.lora_name for m in network.text_encoder_loras if "mlp" in m.lora_name}
+    frozen = network.get_submodule("lora_unet_single_blocks_1_linear2")
+    assert not any(p.requires_grad for p in frozen.parameters())  # lr 0: left out of the optimizer and frozen
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in network.parameters() if p.requires_grad}
+    assert len(grouped) == len(list(network.parameters())) - 2
+
+
+# ---- GGPO ----------------------------------------------------------------------------------------------------
+
+
+def test_ggpo_norms_follow_the_formulas_and_perturb_only_in_training():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(3, 5, 16)
+    lora = LoRAModule("lora_unet_g", layer, lora_dim=4, alpha=2.0, ggpo=GGPO(beta=0.01, sigma=0.03))
+    lora.apply_to()
+    randomize(lora, std=0.3)
+    lora.train()
+    base = F.linear(x, layer.weight, layer.bias) + lora.lora_output(x)
+    assert torch.equal(layer(x), base)  # no norms yet: no perturbation
+    layer(x).square().mean().backward()
+    lora.update_grad_norms()
+    lora.update_norms()
+
+    delta = lora.scale * lora.lora_up.weight @ lora.lora_down.weight
+    combined = (layer.weight.norm(dim=1).mean() ** 2 + delta.square().sum(dim=1)).sqrt()
+    grad = lora.scale * (lora.lora_up.weight @ lora.lora_down.weight.grad + lora.lora_up.weight.grad @
+                         lora.lora_down.weight)  # fmt: skip
+    torch.testing.assert_close(lora.combined_weight_norms.squeeze(1), combined.detach())
+    torch.testing.assert_close(lora.weight_norms.squeeze(1), delta.norm(dim=1).detach())
+    torch.testing.assert_close(lora.grad_norms.squeeze(1), grad.norm(dim=1))
+
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)
+    row_scale = (0.03 * combined + 0.01 * grad.norm(dim=1) ** 2) / math.sqrt(8)
+    noise = torch.randn(8, 16) * row_scale[:, None]
+    torch.testing.assert_close(out, base + x @ noise.T)
+    lora.eval()
+    assert torch.equal(layer(x), base)
+
+
+def test_ggpo_network_methods_cover_every_linear_and_split_parts():
+    flux = tiny_flux()
+    network = lora_flux.create_network(1.0, 4, 1.0, None, None, flux, ggpo_beta="0.01", ggpo_sigma="0.03",
+                                       split_qkv="True")  # fmt: skip
+    network.apply_to(None, flux)
+    randomize(network)
+    network.train()
+    assert network.grad_norms() is None and network.combined_weight_norms() is None
+    flux(**flux_inputs()).square().mean().backward()
+    network.update_grad_norms()
+    network.update_norms()
+    shapes = {network.grad_norms().shape, network.weight_norms().shape, network.combined_weight_norms().shape}
+    assert shapes == {(len(network.loras), 1)}
+    qkv = network.get_submodule("lora_unet_double_blocks_0_img_attn_qkv")
+    assert qkv.grad_norms.shape == (768, 1) and bool((network.combined_weight_norms() > 0).all())
+    torch.manual_seed(1)
+    first = flux(**flux_inputs())
+    torch.manual_seed(2)
+    assert not torch.equal(first, flux(**flux_inputs()))  # fresh noise each forward

@@ -123,8 +123,8 @@ def test_block_selection(args, expected):
         ({"in_dims": "[1,2]"}, "in_dims"),
         ({"img_attn_dim": "x"}, "img_attn_dim=x"),
         ({"split_qkv": "yes"}, "split_qkv=yes"),
-        ({"img_attn_rank": "4"}, "img_attn_rank"),
-        ({"ggpo_beta": "0.01"}, "ggpo_beta"),
+        ({"ggpo_beta": "0.01"}, "ggpo_beta and ggpo_sigma go together"),
+        ({"network_reg_lrs": "double=fast"}, "network_reg_lrs"),
         ({"network_reg_dims": "double=x"}, "network_reg_dims"),
     ],
 )
@@ -246,10 +246,11 @@ def test_unknown_keys_in_a_file_are_user_errors():
     with pytest.raises(UserError, match="lora_unet_double_blocks_9_img_attn_qkv"):
         create_network_from_weights(1.0, None, None, None, flux, weights)
     with pytest.raises(UserError, match="lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight"):
-        network.load_weights(weights)
-    dora = {**network.state_dict(), "lora_unet_txt_in.dora_scale": torch.ones(256, 1)}
-    with pytest.raises(UserError, match=r"lora_unet_txt_in\.dora_scale"):
-        network.load_weights(dora)
+        network.load_weights(weights, strict=True)
+    dora = {**network.state_dict(), "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": torch.ones(768, 1)}
+    for strict in (True, False):  # a DoRA file's extra tensors are never dropped silently
+        with pytest.raises(UserError, match=r"lora_unet_double_blocks_0_img_attn_qkv\.dora_scale"):
+            network.load_weights(dora, strict=strict)
 
 
 # ---- ComfyUI -------------------------------------------------------------------------------------------------

@@ -367,3 +367,16 @@ def test_per_sample_loss_pins_seeded_value_and_backpropagates():
 def test_config_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ObjectiveConfig().loss_type = "l1"
+
+
+def test_density_shift_is_the_sd3_scripts_sampling():
+    """u from the weighting-scheme density, then t = s u / (1 + (s - 1) u), continuous, in --min/--max_timestep."""
+    cfg = ObjectiveConfig(timestep_sampling="density_shift", discrete_flow_shift=3.0, weighting_scheme="logit_normal",
+                          logit_mean=0.5, logit_std=0.8)  # fmt: skip
+    u = torch.sigmoid(0.5 + 0.8 * torch.randn(4096, generator=_gen(5)))
+    expected = 3.0 * u / (1 + 2.0 * u)
+    torch.testing.assert_close(sample_timesteps(cfg, 4096, generator=_gen(5)), expected)
+    bounded = ObjectiveConfig(timestep_sampling="density_shift", discrete_flow_shift=3.0, min_timestep=100,
+                              max_timestep=500)  # fmt: skip
+    t = sample_timesteps(bounded, 4096, generator=_gen(6))
+    assert 0.1 <= float(t.min()) and float(t.max()) <= 0.5 and len(set(t.tolist())) > 4000  # continuous

@@ -10,15 +10,10 @@ from library.training import args as training_args
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    for add in (
-        training_args.add_flux_model_args, training_args.add_objective_args, training_args.add_optimizer_args,
-        training_args.add_training_args, training_args.add_saving_args, training_args.add_sample_args,
-        training_args.add_logging_args, training_args.add_network_args, training_args.add_config_file_args,
-        training_args.add_unsupported_args,
-    ):  # fmt: skip
-        add(parser)
-    return parser
+    from library.training.families.flux import FLUX
+    from library.training.network_training import build_network_parser
+
+    return build_network_parser(FLUX, "test")
 
 
 def test_config_file_values_and_command_line_wins(tmp_path):
@@ -89,14 +84,45 @@ def test_every_upstream_option_is_accepted_or_rejected_with_a_reason():
     """The inventory of upstream's flux_train_network.py options: each one parses here or is an explicit error."""
     from pathlib import Path
 
-    from library.training.network_training import build_flux_network_parser
-
     inventory = Path(__file__).resolve().parents[2] / "docs" / "reference" / "upstream_flux_train_network_options.txt"
     upstream = {line.split()[0][2:] for line in inventory.read_text().splitlines() if line.startswith("--")}
-    parser = build_flux_network_parser()
+    parser = _parser()
     ours = {action.dest for action in parser._actions}
     missing = sorted(upstream - ours)
     assert not missing, f"upstream options neither supported nor rejected: {missing}"
-    for name in sorted(upstream & set(training_args.UNSUPPORTED)):
+    rejected = training_args.rejected_options(parser)
+    assert "vae" in rejected and "v2" in rejected  # the family's and the shared tables
+    for name in sorted(upstream & set(rejected)):
+        with pytest.raises(UserError, match=f"--{name} "):
+            parser.parse_args([f"--{name}"])
+
+
+@pytest.mark.parametrize(
+    "inventory,family,recipe",
+    [
+        ("upstream_sd3_train_network_options.txt", "sd3", "network"),
+        ("upstream_flux_train_options.txt", "flux", "full"),
+        ("upstream_sd3_train_options.txt", "sd3", "full"),
+    ],
+)
+def test_every_upstream_option_of_each_script_is_accepted_or_rejected(inventory, family, recipe):
+    """The same inventory check for sd3_train_network.py, flux_train.py and sd3_train.py."""
+    from pathlib import Path
+
+    from library.training.families.flux import FLUX
+    from library.training.families.sd3 import SD3
+    from library.training.full_training import build_full_parser
+    from library.training.network_training import build_network_parser
+
+    spec = {"flux": FLUX, "sd3": SD3}[family]
+    parser = (build_network_parser if recipe == "network" else build_full_parser)(spec, "test")
+    path = Path(__file__).resolve().parents[2] / "docs" / "reference" / inventory
+    upstream = {line.split()[0][2:] for line in path.read_text().splitlines() if line.startswith("--")}
+    ours = {action.dest for action in parser._actions} | {
+        s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")
+    }
+    assert not sorted(upstream - ours), f"upstream options neither supported nor rejected: {sorted(upstream - ours)}"
+    rejected = training_args.rejected_options(parser)
+    for name in sorted(upstream & set(rejected)):
         with pytest.raises(UserError, match=f"--{name} "):
             parser.parse_args([f"--{name}"])

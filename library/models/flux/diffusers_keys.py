@@ -6,7 +6,7 @@ import re
 
 from library.io.tensor_source import TensorRecipe
 
-_TOP_LEVEL = {
+TOP_LEVEL_KEYS = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -18,7 +18,7 @@ _TOP_LEVEL = {
     "proj_out": "final_layer.linear",
 }
 
-_DOUBLE = {
+DOUBLE_KEYS = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     "attn.to_out.0": "img_attn.proj",
@@ -34,13 +34,13 @@ _DOUBLE_NORMS = {
     "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
     "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
 }
-_DOUBLE_QKV = {
+DOUBLE_QKV_KEYS = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+SINGLE_KEYS = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
 _SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-_SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+SINGLE_LINEAR1_KEYS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
@@ -52,7 +52,7 @@ def is_diffusers_flux(keys: list[str]) -> bool:
 def diffusers_to_bfl_recipes(keys: list[str]) -> tuple[dict[str, TensorRecipe], list[str]]:
     """Recipes for every BFL key, and the diffusers keys nothing maps (reported as unexpected)."""
     recipes: dict[str, TensorRecipe] = {}
-    for src, dst in _TOP_LEVEL.items():
+    for src, dst in TOP_LEVEL_KEYS.items():
         for suffix in ("weight", "bias"):
             recipes[f"{dst}.{suffix}"] = TensorRecipe((f"{src}.{suffix}",))
     for suffix in ("weight", "bias"):  # diffusers' AdaLayerNormContinuous orders (scale, shift); BFL (shift, scale)
@@ -63,9 +63,9 @@ def diffusers_to_bfl_recipes(keys: list[str]) -> tuple[dict[str, TensorRecipe], 
     blocks = {(m.group(1), int(m.group(2))) for k in keys if (m := _BLOCK.match(k))}
     for kind, i in sorted(blocks):
         src, dst = f"{kind}.{i}.", ("double_blocks" if kind == "transformer_blocks" else "single_blocks") + f".{i}."
-        linears = _DOUBLE if kind == "transformer_blocks" else _SINGLE
+        linears = DOUBLE_KEYS if kind == "transformer_blocks" else SINGLE_KEYS
         norms = _DOUBLE_NORMS if kind == "transformer_blocks" else _SINGLE_NORMS
-        fused = _DOUBLE_QKV if kind == "transformer_blocks" else {"linear1": _SINGLE_LINEAR1}
+        fused = DOUBLE_QKV_KEYS if kind == "transformer_blocks" else {"linear1": SINGLE_LINEAR1_KEYS}
         for s, d in linears.items():
             for suffix in ("weight", "bias"):
                 recipes[f"{dst}{d}.{suffix}"] = TensorRecipe((f"{src}{s}.{suffix}",))

@@ -74,7 +74,7 @@ def open_flux_checkpoint(path: str | Path, option: str = "--pretrained_model_nam
         layout = "diffusers"
     else:
         prefix = next((p for p in _BFL_PREFIXES if f"{p}double_blocks.0.img_attn.qkv.weight" in source), None)
-        if prefix is None:
+        if prefix is None or "controlnet_blocks.0.weight" in source:
             found = describe_checkpoint(source.headers[0])
             raise UserError(f"{option} {path}: expected a FLUX.1 transformer, found {found}")
         recipes = {k[len(prefix) :]: TensorRecipe((k,)) for k in keys if k.startswith(prefix)}

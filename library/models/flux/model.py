@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,9 @@ from library.models.flux.layers import (
     SingleStreamBlock,
     timestep_embedding,
 )
+
+# modelspec.implementation of FLUX.1 files and LoRAs, as upstream writes it
+MODELSPEC_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,14 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         txt_attention_mask: Tensor | None = None,
+        controlnet_block_samples: Sequence[Tensor] | None = None,
+        controlnet_scale: float = 1.0,
     ) -> Tensor:
         """Predict the flow velocity for packed latents ``img`` [B, L, C] at ``timesteps`` in [0, 1].
 
         ``txt_attention_mask`` [B, L_txt] (1 = real token) masks padded T5 tokens out of every attention.
+        ``controlnet_block_samples`` (a ControlNet's output): double block i adds ``controlnet_scale`` times sample
+        ``i % len(samples)`` to its image output, reused cyclically as XLabs, ComfyUI and diffusers do.
         """
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256))
@@ -95,8 +103,10 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         attn_mask = _joint_attention_mask(txt_attention_mask, img.shape[1])
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask)
+            if controlnet_block_samples:
+                img = img + controlnet_scale * controlnet_block_samples[i % len(controlnet_block_samples)]
         x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
             x = block(x, vec=vec, pe=pe, attn_mask=attn_mask)

@@ -9,6 +9,8 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
+from library.models.flow_shift import resolution_mu, time_shift
+
 
 def pack_latents(latents: Tensor) -> Tensor:
     """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens of 2x2 patches."""
@@ -31,16 +33,6 @@ def prepare_img_ids(batch_size: int, height: int, width: int, device: torch.devi
 def latent_size(height: int, width: int) -> tuple[int, int]:
     """Latent height and width for an image size (a multiple of 16 pixels, as BFL rounds up)."""
     return 2 * math.ceil(height / 16), 2 * math.ceil(width / 16)
-
-
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def resolution_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """The dev schedule's shift, linear in the number of image tokens from 256 (base) to 4096 (max)."""
-    slope = (max_shift - base_shift) / (4096 - 256)
-    return slope * image_seq_len + (base_shift - slope * 256)
 
 
 def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list[float]:

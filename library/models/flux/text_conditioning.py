@@ -50,12 +50,16 @@ class FluxTextEncoder:
         self.t5_max_length = t5_max_length
         self.apply_t5_attn_mask = apply_t5_attn_mask
 
+    def encode_clip(self, prompts: list[str], device: torch.device | str = "cpu") -> Tensor:
+        """CLIP-L's pooled output alone [B, 768] (a CLIP-L LoRA trains while T5's outputs come from a cache)."""
+        clip_ids, _ = tokenize(self.clip_tokenizer, prompts, CLIP_MAX_LENGTH)
+        return encode_clip_l(self.clip_l, clip_ids.to(device))
+
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> FluxTextConditioning:
         """Differentiable (text-encoder LoRA training needs the graph); callers that only infer wrap it in
         ``torch.no_grad()``."""
-        clip_ids, _ = tokenize(self.clip_tokenizer, prompts, CLIP_MAX_LENGTH)
         t5_ids, t5_mask = tokenize(self.t5_tokenizer, prompts, self.t5_max_length)
-        l_pooled = encode_clip_l(self.clip_l, clip_ids.to(device))
+        l_pooled = self.encode_clip(prompts, device)
         t5_out = encode_t5(self.t5, t5_ids.to(device), t5_mask.to(device), self.apply_t5_attn_mask)
         txt_ids = torch.zeros(len(prompts), t5_out.shape[1], 3, device=device)
         return FluxTextConditioning(l_pooled, t5_out, txt_ids, t5_mask.to(device))

@@ -1,9 +1,11 @@
-"""Tiny random FLUX.1 transformers in the real BFL layout, for tests, the quick start and benchmarks."""
+"""Tiny random FLUX.1 transformers and ControlNets in the real layouts, for tests, the quick start and benchmarks."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from library.models.flux.controlnet import ControlNetParams, FluxControlNet
 from library.models.flux.model import Flux, FluxParams
 
 
@@ -37,16 +39,31 @@ def make_flux_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Random weights with every tensor distinct from its default (norm scales too), so a swapped or skipped
     tensor changes the output; scaled by 1/sqrt(fan_in) to keep activations finite through the blocks."""
-    generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Flux(params)
+    return _random_state(model, seed, dtype)
+
+
+@torch.no_grad()
+def make_flux_controlnet_state_dict(
+    params: ControlNetParams, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A random XLabs-layout ControlNet as :func:`make_flux_state_dict` makes a FLUX.1: the zero-initialised
+    ``controlnet_blocks`` and last hint conv are random too, so the ControlNet changes the base model's output."""
+    with torch.device("meta"):
+        model = FluxControlNet(params)
+    return _random_state(model, seed, dtype)
+
+
+def _random_state(model: nn.Module, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, meta in model.state_dict().items():
         noise = torch.randn(meta.shape, generator=generator)
         if key.endswith(".scale"):
             tensor = 1.0 + 0.2 * noise
-        elif meta.ndim == 2:
-            tensor = noise / meta.shape[1] ** 0.5
+        elif meta.ndim >= 2:
+            tensor = noise / meta.shape[1:].numel() ** 0.5
         else:
             tensor = 0.05 * noise
         state[key] = tensor.to(dtype)

@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library.errors import UserError
 from library.io.safetensors_file import SafetensorsHeader, iter_tensors, read_header
-from library.models.checkpoint_kind import describe_checkpoint
+from library.models.checkpoint_kind import describe_checkpoint, find_clip_layout
 from library.models.state_loading import assign_state, check_state_keys
 
 logger = logging.getLogger(__name__)
@@ -25,26 +25,20 @@ logger = logging.getLogger(__name__)
 HEAD_DIM = 64
 BOS_ID, EOS_ID = 49406, 49407
 _NAMES = {768: "CLIP-L", 1280: "CLIP-G"}
+PROJECTION = "text_projection.weight"
 
 
-def _prefix(header: SafetensorsHeader) -> str | None:
-    for prefix in ("text_model.", ""):
-        if (
-            f"{prefix}encoder.layers.0.self_attn.q_proj.weight" in header
-            and f"{prefix}embeddings.token_embedding.weight" in header
-        ):
-            return prefix
-    return None
-
-
-def clip_config_from_header(header: SafetensorsHeader, prefix: str) -> CLIPTextConfig:
+def clip_config_from_header(header: SafetensorsHeader, prefix: str, outer: str = "") -> CLIPTextConfig:
+    """The config of the CLIP text tower whose keys start with ``prefix`` (``text_projection.weight`` is looked
+    up under ``outer``, the prefix of the whole encoder inside the file)."""
     width = header.shape(f"{prefix}encoder.layers.0.self_attn.q_proj.weight")[0]
     layers = {
         int(m.group(1)) for k in header.keys() if (m := re.match(rf"^{re.escape(prefix)}encoder\.layers\.(\d+)\.", k))
     }
     vocab, _ = header.shape(f"{prefix}embeddings.token_embedding.weight")
     positions, _ = header.shape(f"{prefix}embeddings.position_embedding.weight")
-    projection = header.shape("text_projection.weight")[0] if "text_projection.weight" in header else width
+    projection_key = f"{outer}{PROJECTION}"
+    projection = header.shape(projection_key)[0] if projection_key in header else width
     return CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=header.shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=max(layers) + 1, num_attention_heads=width // HEAD_DIM, max_position_embeddings=positions,
@@ -60,34 +54,58 @@ def load_clip_text_model(
     device: str | torch.device = "cpu",
     option: str = "--clip_l",
     expect_width: int | None = 768,
+    prefix: str = "",
+    with_projection: bool | None = None,
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """Load a CLIP text encoder; a file of another kind (or CLIP-G where CLIP-L is expected) is a UserError."""
+    """Load a CLIP text encoder; a file of another kind (or CLIP-G where CLIP-L is expected) is a UserError.
+
+    ``prefix``: the encoder's keys in the file (``text_encoders.clip_l.transformer.`` in SD3 checkpoints); keys
+    outside it are ignored. ``with_projection``: None builds what the file holds (a ``CLIPTextModelWithProjection``
+    when it has ``text_projection.weight``); True always builds one, with an identity projection when the file has
+    none (SD3's CLIP-L, as upstream and diffusers do); False builds a ``CLIPTextModel`` and ignores a projection.
+    CLIP-G (``expect_width=1280``) always has its projection: a file without one is a UserError.
+    """
     header = read_header(path, option)
-    what = f"{option} {path}"
+    what = f"{option} {path}" + (f" under {prefix!r}" if prefix else "")
     expected_name = _NAMES.get(expect_width, "CLIP") if expect_width else "CLIP"
-    prefix = _prefix(header)
-    if prefix is None:
+    layout = find_clip_layout(header, prefix)
+    if layout is None:
         raise UserError(f"{what}: expected a {expected_name} text encoder, found {describe_checkpoint(header)}")
-    config = clip_config_from_header(header, prefix)
+    config = clip_config_from_header(header, layout, prefix)
     other_widths = set(_NAMES) - {expect_width}
     if expect_width and config.hidden_size in other_widths:  # tiny test models have other widths
-        raise UserError(f"{what}: expected a {expected_name} text encoder, found {describe_checkpoint(header)}")
-    with_projection = "text_projection.weight" in header
+        found = _NAMES[config.hidden_size] + " text encoder"
+        raise UserError(f"{what}: expected a {expected_name} text encoder, found {found}")
+    projection_key = f"{prefix}{PROJECTION}"
+    has_projection = projection_key in header
+    if expect_width == 1280 and not has_projection and with_projection is not False:
+        raise UserError(
+            f"{what}: expected a CLIP-G text encoder with {projection_key}, the file has none; "
+            "use the complete clip_g.safetensors"
+        )
+    projected = has_projection if with_projection is None else with_projection
     with torch.device("meta"):
-        model = CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
-    model_prefix = "text_model." if with_projection else ""
-    file_keys = {k: k[len(prefix) :] for k in header.keys() if k.startswith(prefix) and not k.endswith("position_ids")}
-    file_keys = {k: (v if v == "text_projection.weight" else model_prefix + v) for k, v in file_keys.items()}
-    if with_projection:
-        file_keys["text_projection.weight"] = "text_projection.weight"
-    stray = [k for k in header.keys() if k not in file_keys and not k.endswith("position_ids")]
+        model = CLIPTextModelWithProjection(config) if projected else CLIPTextModel(config)
+    model_prefix = "text_model." if projected else ""
+    file_keys = {k: model_prefix + k[len(layout) :] for k in header.keys() if k.startswith(layout)
+                 and k != projection_key and not k.endswith("position_ids")}  # fmt: skip
+    if projected and has_projection:
+        file_keys[projection_key] = PROJECTION
+    ignored = {projection_key} if has_projection and not projected else set()
+    stray = [k for k in header.keys() if k.startswith(prefix) and k not in file_keys and k not in ignored
+             and not k.endswith("position_ids")]  # fmt: skip
     found = {file_keys[k]: header.shape(k) for k in file_keys}
     for key in stray:
         found[key] = header.shape(key)
+    if projected and not has_projection:
+        found[PROJECTION] = (config.projection_dim, config.hidden_size)
     check_state_keys(
         found, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what, f"{expected_name} text encoder"
     )
     state = {file_keys[k]: t.to(dtype) for k, t in iter_tensors(header.path, list(file_keys), device)}
+    if projected and not has_projection:
+        state[PROJECTION] = torch.eye(config.hidden_size, dtype=dtype, device=device)
+        logger.info("%s: no %s in the file, using an identity projection", what, PROJECTION)
     assign_state(model, state)
     logger.info("%s: %d layers, width %d, %s", expected_name, config.num_hidden_layers, config.hidden_size, dtype)
     return model.eval().requires_grad_(False)
@@ -99,9 +117,13 @@ def encode_clip_l(model: CLIPTextModel | CLIPTextModelWithProjection, input_ids:
     return out.pooler_output if hasattr(out, "pooler_output") else out.last_hidden_state[:, 0]
 
 
-def encode_clip_hidden(model: CLIPTextModel | CLIPTextModelWithProjection, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(penultimate hidden states [B, L, width], pooled/projected output [B, dim]) as SD3 uses them."""
-    out = model(input_ids=input_ids, output_hidden_states=True)
+def encode_clip_hidden(
+    model: CLIPTextModel | CLIPTextModelWithProjection, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(penultimate hidden states [B, L, width] without the final layer norm, pooled output [B, dim]) as SD3 uses
+    them: the pooled output is ``text_embeds`` (the final-normed end token, projected) when the model has a
+    projection. ``attention_mask`` masks padding inside the encoder (SD3's ``--apply_lg_attn_mask``)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
     return out.hidden_states[-2], pooled
 

@@ -21,38 +21,50 @@ Q_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 
 
-def t5_config_from_header(header: SafetensorsHeader) -> T5Config:
-    buckets, heads = header.shape(BIAS_KEY)
-    inner, d_model = header.shape(Q_KEY)
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in header
+def t5_config_from_header(header: SafetensorsHeader, prefix: str = "") -> T5Config:
+    """The config of the T5 encoder whose keys start with ``prefix``."""
+    buckets, heads = header.shape(prefix + BIAS_KEY)
+    inner, d_model = header.shape(prefix + Q_KEY)
+    gated = f"{prefix}encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in header
     wi = "wi_0" if gated else "wi"
-    layers = {int(m.group(1)) for k in header.keys() if (m := re.match(r"^encoder\.block\.(\d+)\.", k))}
-    vocab = header.shape("shared.weight" if "shared.weight" in header else "encoder.embed_tokens.weight")[0]
+    block = re.compile(rf"^{re.escape(prefix)}encoder\.block\.(\d+)\.")
+    layers = {int(m.group(1)) for k in header.keys() if (m := block.match(k))}
+    embed = f"{prefix}shared.weight" if f"{prefix}shared.weight" in header else f"{prefix}encoder.embed_tokens.weight"
     return T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, num_heads=heads, num_layers=max(layers) + 1,
-        d_ff=header.shape(f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight")[0],
+        vocab_size=header.shape(embed)[0], d_model=d_model, d_kv=inner // heads, num_heads=heads,
+        num_layers=max(layers) + 1,
+        d_ff=header.shape(f"{prefix}encoder.block.0.layer.1.DenseReluDense.{wi}.weight")[0],
         relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu" if gated else "relu",
         dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
     )  # fmt: skip
 
 
 def load_t5_encoder(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", option: str = "--t5xxl"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    option: str = "--t5xxl",
+    prefix: str = "",
 ) -> T5EncoderModel:
-    """Load a T5 encoder; ``wo`` stays in fp32 for fp16 (T5's overflow guard, as transformers does)."""
+    """Load a T5 encoder; ``wo`` stays in fp32 for fp16 (T5's overflow guard, as transformers does).
+
+    ``prefix``: the encoder's keys in the file (``text_encoders.t5xxl.transformer.`` in SD3 checkpoints); keys
+    outside it are ignored."""
     header = read_header(path, option)
-    what = f"{option} {path}"
-    if Q_KEY not in header or BIAS_KEY not in header:
+    what = f"{option} {path}" + (f" under {prefix!r}" if prefix else "")
+    if prefix + Q_KEY not in header or prefix + BIAS_KEY not in header:
         raise UserError(f"{what}: expected a T5-XXL text encoder, found {describe_checkpoint(header)}")
-    if any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in header.keys()):
+    names = {k: k[len(prefix) :] for k in header.keys() if k.startswith(prefix)}
+    if any(name.endswith(".scale_weight") or name == "scaled_fp8" for name in names.values()):
         raise UserError(
             f"{what}: 'scaled' fp8 T5 files are not supported; use t5xxl_fp16 or t5xxl_fp8_e4m3fn (not scaled)"
         )
-    config = t5_config_from_header(header)
+    config = t5_config_from_header(header, prefix)
     with torch.device("meta"):
         model = T5EncoderModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: header.shape(k) for k in header.keys()}
+    found = {name: header.shape(k) for k, name in names.items()}
     embed = "shared.weight" if "shared.weight" in found else "encoder.embed_tokens.weight"
     found.setdefault("shared.weight", found[embed])
     found.setdefault("encoder.embed_tokens.weight", found[embed])
@@ -61,7 +73,7 @@ def load_t5_encoder(
     def dtype_for(key: str) -> torch.dtype:
         return torch.float32 if dtype == torch.float16 and ".DenseReluDense.wo." in key else dtype
 
-    state = {k: t.to(dtype_for(k)) for k, t in iter_tensors(header.path, header.keys(), device)}
+    state = {names[k]: t.to(dtype_for(k)) for k, t in iter_tensors(header.path, list(names), device)}
     state.setdefault("shared.weight", state[embed])
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
     assign_state(model, state)

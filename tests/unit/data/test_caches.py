@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from library.data import caches
-from library.data.dataset import DatasetOptions, EpochPosition, build_dataset_group
+from library.data.dataset import DatasetOptions, EpochPosition, build_dataset_group, build_dataset_groups
 from library.errors import UserError
 from tests.helpers import write_images, write_toml
 
@@ -194,3 +194,85 @@ def test_in_memory_text_cache_feeds_batches(tmp_path: Path):
     for i in range(len(group)):
         batch = group[EpochPosition(1, i, 0)]
         assert batch["text"]["l_pooled"][0, 0].item() == len(batch["captions"][0])
+
+
+class UpstreamShapedText(CountingText):
+    """The FLUX codec's shape rule: T5 output, ids and mask all of the T5 length."""
+
+    @property
+    def text_cache_shapes(self):
+        return {"t5_out": (self.length, None), "txt_ids": (self.length, 3), "t5_attn_mask": (self.length,)}
+
+
+def write_upstream_caches(group, apply_t5_attn_mask: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Each image's *_flux.npz and *_flux_te.npz as upstream's strategy_flux.py / strategy_base.py write them:
+    np.savez with float32 latents [16, h, w], original_size (w, h) and crop_ltrb as int64, alpha_mask float32 [H, W],
+    T5 mask int64, apply_t5_attn_mask a bool scalar."""
+    written = {}
+    rng = np.random.default_rng(0)
+    for item in group.all_items():
+        width, height = item.bucket
+        suffix = f"_{height // 8}x{width // 8}"
+        left, top = (item.resized_size[0] - width) // 2, (item.resized_size[1] - height) // 2
+        latents = {
+            "latents" + suffix: rng.standard_normal((16, height // 8, width // 8)).astype(np.float32),
+            "original_size" + suffix: np.array((item.size[0], item.size[1])),
+            "crop_ltrb" + suffix: np.array((left, top, left + width, top + height)),
+            "latents_flipped" + suffix: rng.standard_normal((16, height // 8, width // 8)).astype(np.float32),
+            "alpha_mask" + suffix: rng.random((height, width)).astype(np.float32),
+        }
+        np.savez(str(item.path.with_suffix("")) + f"_{item.size[0]:04d}x{item.size[1]:04d}_flux.npz", **latents)
+        text = {
+            "l_pooled": rng.standard_normal(4).astype(np.float32),
+            "t5_out": rng.standard_normal((8, 4)).astype(np.float32),
+            "txt_ids": np.zeros((8, 3), dtype=np.float32),
+            "t5_attn_mask": np.array([1, 1, 1, 0, 0, 0, 0, 0], dtype=np.int64),
+        }
+        np.savez(str(item.path.with_suffix("")) + "_flux_te.npz", **text, apply_t5_attn_mask=apply_t5_attn_mask)
+        written[str(item.path)] = {**{k[: -len(suffix)]: v for k, v in latents.items()}, **text}
+    return written
+
+
+def test_upstream_written_caches_are_used_without_encoding(tmp_path: Path):
+    extra = "flip_aug = true\n  alpha_mask = true"
+    written = write_upstream_caches(make_group(tmp_path, extra))
+    group = make_group(tmp_path, extra, cache_latents=True, cache_latents_to_disk=True,
+                       cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True)  # fmt: skip
+    encoder, text = PoolEncoder(), UpstreamShapedText()
+    assert group.cache_latents(encoder) == 0 and encoder.encoded == 0
+    assert group.cache_text_encoder_outputs(text) == 0 and text.captions == []
+    seen_flipped = set()
+    for epoch in range(1, 9):
+        for i in range(len(group)):
+            batch = group[EpochPosition(epoch, i, 0)]
+            cached = written[batch["image_paths"][0]]
+            flipped = torch.equal(batch["latents"][0], torch.from_numpy(cached["latents_flipped"]))
+            assert flipped or torch.equal(batch["latents"][0], torch.from_numpy(cached["latents"]))
+            mask = cached["alpha_mask"][:, ::-1] if flipped else cached["alpha_mask"]
+            assert torch.equal(batch["alpha_masks"][0], torch.from_numpy(mask.copy()))
+            assert batch["crop_top_lefts"][0].tolist() == [cached["crop_ltrb"][1], cached["crop_ltrb"][0]]
+            for key in ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask"):
+                assert torch.equal(batch["text"][key][0], torch.from_numpy(cached[key]))
+            seen_flipped.add(flipped)
+    assert seen_flipped == {True, False}
+    assert group.cache_text_encoder_outputs(UpstreamShapedText(apply_mask=True)) == 2  # the setting is compared
+
+
+def test_the_validation_group_caches_like_the_training_group(tmp_path: Path):
+    write_images(tmp_path / "img", [(64, 64), (96, 64)] * 3, [f"c{i}" for i in range(6)])
+    make_group(tmp_path, "")  # writes the config over the 6 images
+    config = (tmp_path / "d.toml").read_text().replace("batch_size = 1", "batch_size = 1\nvalidation_split = 0.5")
+    (tmp_path / "d.toml").write_text(config)
+    options = DatasetOptions(dataset_config=tmp_path / "d.toml", seed=0, cache_latents=True, cache_latents_to_disk=True,
+                             cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True)  # fmt: skip
+    train, validation = build_dataset_groups(options)
+    encoder, text = PoolEncoder(), CountingText()
+    assert train.cache_latents(encoder) == 3 and validation.cache_latents(encoder) == 3
+    assert train.cache_text_encoder_outputs(text) == 3 and validation.cache_text_encoder_outputs(text) == 3
+    assert len(list((tmp_path / "img").glob("*_flux.npz"))) == 6 and len(set(text.captions)) == 6
+    for i in range(len(validation)):
+        batch = validation[i]
+        assert batch["latents"].shape[1] == 16 and batch["images"] is None
+        assert batch["text"]["l_pooled"][0, 0].item() == len(batch["captions"][0])
+    again = build_dataset_groups(options)[1]
+    assert again.cache_latents(PoolEncoder()) == 0 and again.cache_text_encoder_outputs(CountingText()) == 0

@@ -188,19 +188,105 @@ resolution = 512
     assert finetune.subsets[0].metadata_file == meta and controlnet.subsets[0].conditioning_data_dir == images
 
 
-def test_bucket_range_is_rounded_to_the_steps_with_a_warning(tmp_path: Path, images: Path, caplog):
-    path = config(tmp_path, f"""
-[[datasets]]
-resolution = 512
-enable_bucket = true
-min_bucket_reso = 250
-max_bucket_reso = 1000
-  [[datasets.subsets]]
-  image_dir = '{images}'
-""")  # fmt: skip
+def _bucket_config(tmp_path: Path, images: Path, dataset: str) -> Path:
+    return config(
+        tmp_path, f"[[datasets]]\nenable_bucket = true\n{dataset}\n[[datasets.subsets]]\nimage_dir = '{images}'\n"
+    )
+
+
+def test_bucket_range_is_rounded_as_upstream_min_down_max_up(tmp_path: Path, images: Path, caplog):
+    path = _bucket_config(tmp_path, images, "resolution = 512\nmin_bucket_reso = 250\nmax_bucket_reso = 1000")
     (d,) = load_dataset_config(path)
-    assert (d.min_bucket_reso, d.max_bucket_reso) == (256, 960)
-    assert "min_bucket_reso 250 -> 256" in caplog.text and "max_bucket_reso 1000 -> 960" in caplog.text
+    assert (d.min_bucket_reso, d.max_bucket_reso) == (192, 1024)
+    assert "min_bucket_reso 250 -> 192" in caplog.text and "max_bucket_reso 1000 -> 1024" in caplog.text
+    assert str(path) in caplog.text and "datasets[0]" in caplog.text
+
+
+@pytest.mark.parametrize(("dataset", "limits"), [
+    ("resolution = 1000\nmax_bucket_reso = 1000", (256, 1024)),  # upstream accepts it: max rounds up to 1024
+    ("resolution = 1000\nmin_bucket_reso = 1000\nmax_bucket_reso = 1000", (960, 1024)),
+    ("resolution = [1000, 744]\nmin_bucket_reso = 744\nmax_bucket_reso = 1000\nbucket_reso_steps = 32", (736, 1024)),
+    ("resolution = 1024\nmax_bucket_reso = 1024", (256, 1024)),  # multiples stay as they are
+])  # fmt: skip
+def test_configs_upstream_accepts_are_accepted(tmp_path: Path, images: Path, dataset: str, limits, caplog):
+    (d,) = load_dataset_config(_bucket_config(tmp_path, images, dataset))
+    assert (d.min_bucket_reso, d.max_bucket_reso) == limits
+    assert ("-> " in caplog.text) == (dataset != "resolution = 1024\nmax_bucket_reso = 1024")
+
+
+def test_bucket_limits_upstream_refuses_are_one_line(tmp_path: Path, images: Path):
+    with pytest.raises(
+        UserError,
+        match=r"datasets\[0\]: min_bucket_reso 32 rounds down to 0 with bucket_reso_steps "
+        r"64; set min_bucket_reso to at least 64",
+    ):
+        load_dataset_config(_bucket_config(tmp_path, images, "resolution = 512\nmin_bucket_reso = 32"))
+    with pytest.raises(UserError, match=r"resolution 1100x1100 is outside the bucket range \[256, 1024\]"):
+        load_dataset_config(_bucket_config(tmp_path, images, "resolution = 1100\nmax_bucket_reso = 1000"))
+    with pytest.raises(UserError, match=r"resolution 200x512 is outside the bucket range \[256, 1024\]"):
+        load_dataset_config(_bucket_config(tmp_path, images, "resolution = [200, 512]"))
+
+
+def test_bucket_no_upscale_says_the_limits_are_not_used(tmp_path: Path, images: Path, caplog):
+    load_dataset_config(_bucket_config(tmp_path, images, "resolution = 512\nbucket_no_upscale = true"))
+    assert "not used with bucket_no_upscale" not in caplog.text  # defaults: nothing to say
+    load_dataset_config(_bucket_config(tmp_path, images, "resolution = 512\nbucket_no_upscale = true\n"
+                                                         "max_bucket_reso = 2048"))  # fmt: skip
+    assert "min_bucket_reso and max_bucket_reso are not used with bucket_no_upscale" in caplog.text
+
+
+# upstream's docs/flux_train_network.md validation example, verbatim but for the image folders
+VALIDATION_EXAMPLE = """
+validation_seed = 42 # [Optional] Validation seed, otherwise uses training seed for validation split .
+enable_bucket = true
+resolution = [1024, 1024]
+
+[[datasets]]
+  [[datasets.subsets]]
+  # This directory will use 100% of the images for training
+  image_dir = "path/to/image/directory"
+
+[[datasets]]
+validation_split = 0.1 # Split between 0.0 and 1.0 where 1.0 will use the full subset as a validation dataset
+
+  [[datasets.subsets]]
+  # This directory will split 10% to validation and 90% to training
+  image_dir = "path/to/image/second-directory"
+
+[[datasets]]
+validation_split = 1.0 # Will use this full subset as a validation subset.
+
+  [[datasets.subsets]]
+  # This directory will use the 100% to validation and 0% to training
+  image_dir = "path/to/image/full_validation"
+"""
+
+
+def test_validation_keys_in_general_and_datasets(tmp_path: Path, images: Path):
+    body = "[general]\n" + VALIDATION_EXAMPLE.replace("path/to/image/second-directory", str(images)).replace(
+        "path/to/image/full_validation", str(images)).replace("path/to/image/directory", str(images))  # fmt: skip
+    first, second, third = load_dataset_config(config(tmp_path, body))
+    assert [d.validation_split for d in (first, second, third)] == [0.0, 0.1, 1.0]
+    assert {d.validation_seed for d in (first, second, third)} == {42}
+    write_images(tmp_path / "train" / "2_sks", [(64, 64)])
+    (d,) = configs_from_folders(tmp_path / "train", fallbacks={"resolution": 64, "validation_split": 0.25})
+    assert d.validation_split == 0.25 and d.validation_seed is None
+    with pytest.raises(UserError, match=r"--validation_split 2: expected a number in \[0, 1\]"):
+        configs_from_folders(tmp_path / "train", fallbacks={"resolution": 64, "validation_split": 2})
+
+
+def test_custom_attributes_known_checked_unknown_warned(tmp_path: Path, images: Path, caplog):
+    path = config(tmp_path, "[general]\ncustom_attributes = { style = \"ink\" }\n" + _dataset(
+        images, subset="custom_attributes.diff_output_preservation = true\ncustom_attributes.weight = 2"))  # fmt: skip
+    (d,) = load_dataset_config(path)
+    (s,) = d.subsets
+    assert s.diff_output_preservation and s.custom_attributes == {"diff_output_preservation": True, "weight": 2}
+    assert "general: custom_attributes.style is not used" in caplog.text
+    assert "datasets[0].subsets[0]: custom_attributes.weight is not used" in caplog.text
+    assert "diff_output_preservation is not used" not in caplog.text
+    caplog.clear()
+    (d,) = load_dataset_config(config(tmp_path, _dataset(images)))
+    assert not d.subsets[0].diff_output_preservation and not caplog.text
 
 
 def _dataset(images: Path, dataset: str = "", subset: str = "") -> str:
@@ -238,7 +324,14 @@ BAD = [
     ("subset key in dataset", lambda i: _dataset(i, dataset="is_reg = true"), ["datasets[0]", "is_reg belongs in a"]),
     ("wrong kind key", lambda i: _dataset(i, subset=f"metadata_file = '{i}/m.json'\nis_reg = true"),
      ["datasets[0].subsets[0]", "is_reg cannot be set here", "fine-tune"]),
-    ("unsupported key", lambda i: _dataset(i, dataset="validation_split = 0.1"), ["validation_split", "not supported"]),
+    ("validation_split range", lambda i: _dataset(i, dataset="validation_split = 1.5"),
+     ["datasets[0]", "validation_split = 1.5", "expected a number in [0, 1]"]),
+    ("validation_seed type", lambda i: "[general]\nvalidation_seed = 4.5\n" + _dataset(i),
+     ["general", "validation_seed = 4.5", "whole number"]),
+    ("validation_split in a subset", lambda i: _dataset(i, subset="validation_split = 0.1"),
+     ["datasets[0].subsets[0]", "validation_split is a dataset setting"]),
+    ("custom attribute type", lambda i: _dataset(i, subset="custom_attributes.diff_output_preservation = 1"),
+     ["datasets[0].subsets[0]", "custom_attributes.diff_output_preservation = 1", "true or false"]),
     ("bad interpolation", lambda i: _dataset(i, subset='resize_interpolation = "fancy"'),
      ['resize_interpolation = "fancy"', "lanczos"]),
     ("bad face range", lambda i: _dataset(i, subset="face_crop_aug_range = [4.0, 2.0]"), ["low <= high"]),

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from library.data.dataset import DatasetOptions, EpochPosition, build_dataset_group
+from library.data import dataset as dataset_module
+from library.data.dataset import DatasetOptions, EpochPosition, build_dataset_group, data_loader_workers
 from library.data.debug import show_dataset
 from library.errors import UserError
 from tests.helpers import write_images, write_toml
@@ -280,3 +281,43 @@ def test_random_state_is_untouched(folder_style):
     torch.manual_seed(5)
     _ = [group[EpochPosition(1, i, 0)] for i in range(len(group))]
     assert (random.random(), torch.rand(1)) == expected
+
+
+def test_diff_output_preservation_flags_its_samples(tmp_path: Path):
+    write_images(tmp_path / "img", [(64, 64)] * 2)
+    write_images(tmp_path / "reg", [(64, 64)] * 2, [None, "a dog on grass"])
+    config = write_toml(tmp_path / "d.toml", f"""
+[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+batch_size = 4
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "img"}'
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "reg"}'
+  class_tokens = "dog"
+  is_reg = true
+  custom_attributes.diff_output_preservation = true
+""")  # fmt: skip
+    group = build_dataset_group(options(dataset_config=config, prior_loss_weight=10.0))
+    (batch,) = [group[EpochPosition(1, i, 0)] for i in range(len(group))]
+    is_reg = torch.tensor(["/reg/" in p for p in batch["image_paths"]])
+    assert batch["diff_output_preservation"].dtype == torch.bool and is_reg.sum() == 2
+    assert torch.equal(batch["diff_output_preservation"], is_reg)
+    assert torch.equal(batch["loss_weights"], torch.where(is_reg, 10.0, 1.0))
+    assert [bool(a) for a in batch["custom_attributes"]] == is_reg.tolist()
+    assert {c for c, r in zip(batch["captions"], is_reg) if r} == {"dog", "a dog on grass"}  # the subset's captions
+    lines: list[str] = []
+    show_dataset(group, out=lines.append)
+    assert sum("custom attributes {'diff_output_preservation': True}" in line for line in lines) == 2
+
+
+def test_data_loader_workers_capped_at_the_usable_cpus(monkeypatch):
+    monkeypatch.setattr(dataset_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [data_loader_workers(n) for n in (8, 2, 1, 0, -1)] == [2, 2, 1, 0, 0]
+    monkeypatch.delattr(dataset_module.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(dataset_module.os, "cpu_count", lambda: 3)
+    assert data_loader_workers(8) == 3
+    monkeypatch.setattr(dataset_module.os, "cpu_count", lambda: None)
+    assert data_loader_workers(8) == 1

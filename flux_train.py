@@ -1,0 +1,18 @@
+"""FLUX.1 full fine-tuning. Options as upstream's script."""
+
+from __future__ import annotations
+
+from library.errors import run_cli
+from library.logging_setup import setup_logging
+from library.training.args import parse_args_with_config
+from library.training.families.flux import FLUX
+from library.training.full_training import build_full_parser, run_full_training
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    run_full_training(parse_args_with_config(build_full_parser(FLUX, __doc__), argv), FLUX)
+
+
+if __name__ == "__main__":
+    run_cli(main)
