@@ -28,6 +28,7 @@ from library.data.captions import process_caption
 from library.data.config import DatasetConfig, command_line_fallback_keys, configs_from_folders, load_dataset_config
 from library.data.encode_caches import (
     LatentEncoder,
+    Shard,
     TextEncoderOutputs,
     cache_latents,
     cache_text_encoder_outputs,
@@ -218,16 +219,30 @@ class ImageDataset:
             item.extra["face_crop"] = not config.enable_bucket and item.subset.face_crop_aug_range is not None
             self.buckets.setdefault(item.bucket, []).extend([item] * item.num_repeats)
         self.buckets = dict(sorted(self.buckets.items()))
-        self.num_batches = sum(math.ceil(len(entries) / config.batch_size) for entries in self.buckets.values())
+        self.num_processes = 1
+        self.num_batches = self._count_batches()
+
+    @property
+    def global_batch_size(self) -> int:
+        """The samples of one step across all processes: the batch size per device times the processes."""
+        return self.config.batch_size * self.num_processes
+
+    def _count_batches(self) -> int:
+        return sum(math.ceil(len(entries) / self.global_batch_size) for entries in self.buckets.values())
+
+    def set_num_processes(self, num_processes: int) -> None:
+        self.num_processes = num_processes
+        self.num_batches = self._count_batches()
 
     def epoch_batches(self, seed: int, epoch: int, index: int) -> list[list[ImageItem]]:
-        """This epoch's batches: each bucket shuffled, then cut into batches (upstream's scheme)."""
+        """This epoch's (global) batches: each bucket shuffled, then cut into batches of ``global_batch_size``
+        (upstream's scheme); with N processes each takes its part of every batch (``DatasetGroup.shard``)."""
         rng = random.Random(f"{seed}/{epoch}/{index}")
         batches = []
         for entries in self.buckets.values():
             entries = list(entries)
             rng.shuffle(entries)
-            size = self.config.batch_size
+            size = self.global_batch_size
             batches.extend(entries[i : i + size] for i in range(0, len(entries), size))
         return batches
 
@@ -324,6 +339,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.current_epoch = 1
         self.current_step = 0
         self.max_train_steps = 0
+        self.process_index, self.num_processes = 0, 1
         self._order: tuple[int, list[tuple[int, list[ImageItem]]]] | None = None
 
     # --- what the loop uses ---
@@ -342,28 +358,50 @@ class DatasetGroup(torch.utils.data.Dataset):
     def sampler(self) -> EpochSampler:
         return EpochSampler(self)
 
-    def cache_latents(self, encoder: LatentEncoder, *, is_main_process: bool = True) -> int:
-        """Fill the latent cache (memory, or npz files with --cache_latents_to_disk); returns images encoded."""
+    def shard(self, num_processes: int, process_index: int) -> None:
+        """Train on ``num_processes`` processes: every batch becomes a global batch of the datasets' batch size
+        times ``num_processes`` samples (cut from the same shuffled buckets as one process with that batch size
+        would), and ``self[i]`` is this process's part of global batch i. So N processes with batch size b train
+        on the same samples, in the same order, as one process with batch size N*b."""
+        self.num_processes, self.process_index = num_processes, process_index
+        for dataset in self.datasets:
+            dataset.set_num_processes(num_processes)
+        self._order = None
+
+    def cache_latents(self, encoder: LatentEncoder, *, shard: Shard = Shard()) -> int:
+        """Fill the latent cache (memory, or npz files with --cache_latents_to_disk); returns images this process
+        encoded (with several processes, each encodes its ``shard``)."""
         o = self.options
         return cache_latents(self.all_items(), encoder, to_disk=o.cache_latents_to_disk, skip_check=o.skip_cache_check,
-                             batch_size=o.vae_batch_size, is_main_process=is_main_process)  # fmt: skip
+                             batch_size=o.vae_batch_size, shard=shard)  # fmt: skip
 
-    def cache_text_encoder_outputs(self, encoder: TextEncoderOutputs, *, is_main_process: bool = True) -> int:
-        """Fill the text-encoder output cache; returns captions encoded."""
+    def cache_text_encoder_outputs(self, encoder: TextEncoderOutputs, *, shard: Shard = Shard()) -> int:
+        """Fill the text-encoder output cache; returns captions this process encoded."""
         o = self.options
         batch_size = o.text_encoder_batch_size or max(d.config.batch_size for d in self.datasets)
         return cache_text_encoder_outputs(
             self.all_items(), encoder, to_disk=o.cache_text_encoder_outputs_to_disk, skip_check=o.skip_cache_check,
-            batch_size=batch_size, is_main_process=is_main_process,
+            batch_size=batch_size, shard=shard,
         )  # fmt: skip
 
     def __getitem__(self, key: int | EpochPosition) -> dict:
         if not isinstance(key, EpochPosition):
             key = EpochPosition(self.current_epoch, int(key), self.current_step)
         dataset_index, items = self.epoch_order(key.epoch)[key.index]
-        rng = random.Random(f"{self.options.seed}/{key.epoch}/batch{key.index}")
-        return make_batch(items, self.options, rng, epoch=key.epoch, step=key.step,
-                          max_train_steps=self.max_train_steps)  # fmt: skip
+        n, r, count = len(items), self.process_index, self.num_processes
+        positions = list(range(r * n // count, (r + 1) * n // count))
+        padded = not positions  # fewer samples than processes: this one computes a zero-weight copy
+        positions = positions or [0]
+        rngs = [random.Random(f"{self.options.seed}/{key.epoch}/batch{key.index}/{p}") for p in positions]
+        batch = make_batch([items[p] for p in positions], self.options, rngs, epoch=key.epoch, step=key.step,
+                           max_train_steps=self.max_train_steps)  # fmt: skip
+        if padded:
+            batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
+        # the loss is summed over this part and divided by the global batch's share per process, so that the
+        # processes' average (what DDP's gradient averaging computes) is the mean over the global batch
+        batch["loss_denominator"] = n / count
+        batch["sample_keys"] = [(key.epoch, key.index, p) for p in positions]
+        return batch
 
     def epoch_order(self, epoch: int) -> list[tuple[int, list[ImageItem]]]:
         """Every batch of the epoch as (dataset index, items), shuffled across datasets from (seed, epoch)."""
@@ -570,7 +608,8 @@ def _validation_dataset(config: DatasetConfig, held: list[ImageItem]) -> tuple[D
 
 
 def make_batch(
-    items: list[ImageItem], options: DatasetOptions, rng: random.Random, *, epoch: int, step: int, max_train_steps: int
+    items: list[ImageItem], options: DatasetOptions, rngs: list[random.Random], *, epoch: int, step: int,
+    max_train_steps: int,
 ) -> dict:
     """One batch: ``latents`` (cached) or ``images`` [B, 3, H, W] in [-1, 1]; ``captions`` and ``text`` (cached
     encoder outputs or None); ``loss_weights`` [B] (prior_loss_weight for regularization images);
@@ -579,9 +618,9 @@ def make_batch(
     ``network_multipliers`` [B]; ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw`` [B, 2];
     ``image_paths``; ``custom_attributes`` (each sample's subset's table, as upstream) and
     ``diff_output_preservation`` [B] bool (samples whose target is the base model's prediction)."""
-    samples = [_sample(item, options, rng) for item in items]
+    samples = [_sample(item, options, rng) for item, rng in zip(items, rngs)]
     captions = [process_caption(item.caption, item.subset.caption, rng, epoch=epoch, step=step,
-                                max_train_steps=max_train_steps) for item in items]  # fmt: skip
+                                max_train_steps=max_train_steps) for item, rng in zip(items, rngs)]  # fmt: skip
     texts = [_cached_text(item) for item in items]
     any_alpha = any(item.subset.alpha_mask for item in items)
     masks = [s["alpha"] if s["alpha"] is not None else torch.ones(s["hw"]) for s in samples] if any_alpha else None

@@ -1,7 +1,8 @@
 """Filling the latent and text-encoder caches of a dataset group, in batches, with a progress bar.
 
-The encoders come from the model family (FLUX now, SD3 next) through two small protocols. With several
-processes only the main one writes files; the others read them after the barrier that follows caching.
+The encoders come from the model family through two small protocols. With several processes (a ``Shard``) each
+encodes every N-th image or caption: disk caches are written by the process that encoded them and read by all after
+the barrier that follows caching; memory caches are exchanged between the processes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,12 +37,34 @@ logger = logging.getLogger(__name__)
 _SHOW_STALE = 5
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the caching work: entry ``i`` (in the dataset's order) is encoded by process
+    ``i % count``."""
+
+    index: int = 0
+    count: int = 1
+
+    def mine(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    def exchange(self, local: dict) -> dict:
+        """Every process's ``local`` results merged (a collective call: every process makes it)."""
+        if self.count == 1:
+            return local
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.count
+        dist.all_gather_object(gathered, local)
+        return {k: v for part in gathered for k, v in part.items()}
+
+
 class LatentEncoder(Protocol):
     cache_suffix: str  # e.g. "flux": <stem>_<W>x<H>_flux.npz
     latent_downscale: int
     latent_channels: int
 
-    def encode_latents(self, images: Tensor) -> Tensor: ...  # [B, 3, H, W] in [-1, 1] -> [B, C, H/8, W/8]
+    def encode_latents(self, images: Tensor, keys: list[tuple] | None = None) -> Tensor: ...  # [B,3,H,W] -> [B,C,H/8,W/8]
 
 
 class TextEncoderOutputs(Protocol):
@@ -79,19 +103,20 @@ def cache_latents(
     to_disk: bool,
     skip_check: bool = False,
     batch_size: int = 1,
-    is_main_process: bool = True,
+    shard: Shard = Shard(),
 ) -> int:
     """Encode every item's bucket-sized image (and its mirror with flip_aug) unless a valid cache exists; returns
-    how many images were encoded. Refuses augmentations a cache would freeze (color_aug, random_crop)."""
+    how many images this process encoded. Refuses augmentations a cache would freeze (color_aug, random_crop)."""
     check_latents_cacheable(items)
     todo: dict[tuple, list[ImageItem]] = {}
+    others: dict[tuple, list[ImageItem]] = {}  # memory caches other processes encode
     stale: list[tuple[Path, str]] = []
-    for item in items:
+    for position, item in enumerate(items):
         latent_size = (item.bucket[1] // encoder.latent_downscale, item.bucket[0] // encoder.latent_downscale)
         item.extra["latent_size"] = latent_size
         key = (item.path, item.bucket, item.resized_size, item.subset.flip_aug, item.subset.alpha_mask)
-        if key in todo:
-            todo[key].append(item)
+        if key in todo or key in others:
+            (todo if key in todo else others)[key].append(item)
             continue
         if to_disk:
             item.latents_npz = latents_npz_path(item.path, item.size, encoder.cache_suffix)
@@ -103,8 +128,11 @@ def cache_latents(
                 continue
             if problem != "missing":
                 stale.append((item.latents_npz, problem))
-            if not is_main_process:
+            if not shard.mine(position):
                 continue
+        elif not shard.mine(position):
+            others[key] = [item]
+            continue
         todo[key] = [item]
     _report_stale(stale, "latent")
     groups = sorted(todo.values(), key=lambda same: same[0].bucket)
@@ -116,6 +144,11 @@ def cache_latents(
             for batch in _batches(bucket_groups, batch_size):
                 _encode_latent_batch(batch, encoder, to_disk)
                 bar.update(len(batch))
+    if not to_disk and shard.count > 1:
+        shared = shard.exchange({key: same[0].latents for key, same in todo.items()})
+        for key, same in others.items():
+            for item in same:
+                item.latents = shared[key]
     return len(groups)
 
 
@@ -131,10 +164,12 @@ def _encode_latent_batch(batch: list[list[ImageItem]], encoder: LatentEncoder, t
         masks.append(alpha)
         crops.append(crop)
     images = torch.stack(pixels)
-    latents = encoder.encode_latents(images).float().cpu().numpy()
+    # each image's posterior draw is keyed by the image, so the cache is the same whichever process encodes it
+    keys = [("latent cache", str(same[0].path), same[0].bucket) for same in batch]
+    latents = encoder.encode_latents(images, keys).float().cpu().numpy()
     flipped = None
     if batch[0][0].subset.flip_aug or any(same[0].subset.flip_aug for same in batch):
-        flipped = encoder.encode_latents(images.flip(-1)).float().cpu().numpy()
+        flipped = encoder.encode_latents(images.flip(-1), [(*key, "flipped") for key in keys]).float().cpu().numpy()
     for i, same in enumerate(batch):
         item = same[0]
         top, left = crops[i]
@@ -170,16 +205,19 @@ def cache_text_encoder_outputs(
     to_disk: bool,
     skip_check: bool = False,
     batch_size: int = 1,
-    is_main_process: bool = True,
+    shard: Shard = Shard(),
 ) -> int:
     """Encode each distinct caption once (as training would process it) unless a valid cache exists; returns how
-    many captions were encoded."""
+    many captions this process encoded."""
     check_text_cacheable(items)
     todo: dict[str, list[ImageItem]] = {}
+    others: dict[str, list[ImageItem]] = {}  # memory caches other processes encode
+    order: dict[str, int] = {}  # each distinct caption's position: which process encodes it
     stale: list[tuple[Path, str]] = []
     for item in items:
         item.extra["text_keys"] = encoder.text_cache_keys
         caption = process_caption(item.caption, item.subset.caption, random.Random(0))
+        mine = shard.mine(order.setdefault(caption, len(order)))
         if to_disk:
             item.text_npz = text_npz_path(item.path, encoder.cache_suffix)
             if skip_check and item.text_npz.exists():
@@ -190,8 +228,10 @@ def cache_text_encoder_outputs(
                 continue
             if problem != "missing":
                 stale.append((item.text_npz, problem))
-            if not is_main_process:
-                continue
+        if not mine:
+            if not to_disk:
+                others.setdefault(caption, []).append(item)
+            continue
         todo.setdefault(caption, []).append(item)
     _report_stale(stale, "text-encoder output")
     captions = list(todo)
@@ -209,4 +249,9 @@ def cache_text_encoder_outputs(
                     else:
                         item.text = one
             bar.update(len(batch))
+    if not to_disk and shard.count > 1:
+        shared = shard.exchange({caption: same[0].text for caption, same in todo.items()})
+        for caption, same in others.items():
+            for item in same:
+                item.text = shared[caption]
     return len(captions)

@@ -15,6 +15,7 @@ from pathlib import Path
 import toml
 
 from library.errors import UserError
+from library.training.distributed import add_distributed_args
 from library.training.objective import ObjectiveConfig
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_latent_mean", action="store_true",
                    help="encode images to the VAE posterior's mean instead of a sample (mean + sigma * eps, upstream's)")  # fmt: skip
     g.add_argument("--device", type=str, default=None, help="cuda, cpu (default: cuda if available)")
+    add_distributed_args(parser)
 
 
 def add_saving_args(parser: argparse.ArgumentParser) -> None:
@@ -299,18 +301,6 @@ UNSUPPORTED = {
     "async_upload": "(uploading to the Hugging Face Hub) is not implemented; upload the saved files yourself",
     "fused_backward_pass": "is for the full fine-tuning scripts (a LoRA's gradients are small)",
     "blockwise_fused_optimizers": "is for the full fine-tuning scripts (a LoRA's gradients are small)",
-    "fp16_master_weights_and_gradients": "is not implemented yet (it comes with full fine-tuning)",
-    "deepspeed": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "zero_stage": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "offload_optimizer_device": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "offload_optimizer_nvme_path": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "offload_param_device": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "offload_param_nvme_path": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "zero3_init_flag": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "zero3_save_16bit_model": "is not implemented yet (DeepSpeed comes with multi-GPU training)",
-    "ddp_timeout": "is not implemented yet (it comes with multi-GPU training)",
-    "ddp_gradient_as_bucket_view": "is not implemented yet (it comes with multi-GPU training)",
-    "ddp_static_graph": "is not implemented yet (it comes with multi-GPU training)",
     "conditioning_data_dir": "is for the ControlNet training script (upstream's ControlNet folder style); for "
     "--masked_loss mask images set conditioning_data_dir on each subset of a dataset config",
     "mem_eff_save": "is for the full fine-tuning scripts; a LoRA file is small",

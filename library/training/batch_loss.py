@@ -1,8 +1,11 @@
 """The loss of one batch: latents and text (from the caches or encoded now), noise, timesteps, the family's
 prediction and the objective, with loss masks, per-sample weights and differential output preservation.
 
-Training draws noise and timesteps from the global random stream; validation passes fixed timesteps and its own
-generator so that its curve is comparable across steps and runs.
+Training draws each sample's noise and timestep from its own random stream, keyed by (seed, epoch, global batch,
+position in the global batch): the same sample gets the same noise whichever process computes it and however the
+global batch is split, so N processes with batch size b train exactly as one process with batch size N*b, and a
+resumed run continues with the same noise. Validation passes fixed timesteps and its own generator so that its curve
+is comparable across steps and runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from library.random_streams import keyed_generator
 from library.training import objective
 from library.training.family import ModelInput
 
@@ -31,7 +35,8 @@ def batch_loss(
     ``training=False`` turns off the family's augmentations and never builds a graph through the encoders."""
     device = run.accelerator.device
     latents = (
-        batch["latents"].to(device) if batch.get("latents") is not None else run.family.encode_latents(batch["images"])
+        batch["latents"].to(device) if batch.get("latents") is not None
+        else run.family.encode_latents(batch["images"], _posterior_keys(run, batch))
     )
     latents = run.family.to_model_latents(latents.float())
     multipliers = batch.get("network_multipliers")
@@ -46,23 +51,20 @@ def batch_loss(
 
 def _loss(run: TrainingRun, batch: dict, latents: Tensor, fixed_t: float | None, generator: torch.Generator | None,
           training: bool) -> Tensor:  # fmt: skip
-    cfg, device = run.objective, latents.device
+    cfg = run.objective
     text = batch.get("text")
     if text is None or run.target.trains_text_encoders:  # cached text with a text-encoder LoRA: partial caching
         with torch.set_grad_enabled(training and run.target.trains_text_encoders):
             text = run.family.encode_text(batch["captions"], cached=text)
     if training:
         text = run.family.augment_text(text)
-    noise = objective.make_noise(latents, cfg, generator)
-    if fixed_t is None:
-        t = objective.sample_timesteps(cfg, latents.shape[0], image_seq_len=run.family.image_seq_len(latents),
-                                       generator=generator, device=device)  # fmt: skip
+    keys = batch.get("sample_keys") if generator is None and fixed_t is None else None
+    if keys is not None:
+        parts = [_noisy_input(run, latents[j : j + 1], None, sample_generator(run.settings.seed, key))
+                 for j, key in enumerate(keys)]  # fmt: skip
+        noise, t, noisy = (torch.cat(part) for part in zip(*parts))
     else:
-        t = torch.full((latents.shape[0],), fixed_t, device=device)
-    noisy = objective.noisy_model_input(
-        latents, noise, t, ip_noise_gamma=cfg.ip_noise_gamma,
-        ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength, generator=generator,
-    )  # fmt: skip
+        noise, t, noisy = _noisy_input(run, latents, fixed_t, generator)
     hints = batch.get("conditioning_images") if run.settings.control_hints else None
     inputs = ModelInput(noisy, t, text, control=hints, augment=training)
     with run.accelerator.autocast():
@@ -75,7 +77,36 @@ def _loss(run: TrainingRun, batch: dict, latents: Tensor, fixed_t: float | None,
     weights = batch.get("loss_weights")
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
-    return per_sample.mean()
+    denominator = batch.get("loss_denominator")  # this process's share of a global batch (see DatasetGroup.shard)
+    return per_sample.mean() if denominator is None else per_sample.sum() / denominator
+
+
+def _posterior_keys(run: TrainingRun, batch: dict) -> list[tuple] | None:
+    """Keys of the posterior draws of images encoded now (each sample's own stream; None: the global stream)."""
+    keys = batch.get("sample_keys")
+    return None if keys is None else [(run.settings.seed, "posterior", *key) for key in keys]
+
+
+def sample_generator(seed: int, key: tuple) -> torch.Generator:
+    """The random stream of one training sample, from the run's seed and the sample's (epoch, batch, position)."""
+    return keyed_generator(seed, *key)
+
+
+def _noisy_input(run: TrainingRun, latents: Tensor, fixed_t: float | None,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(noise, timesteps, noisy latents) for ``latents``, drawn from ``generator`` (None: the global stream)."""
+    cfg, device = run.objective, latents.device
+    noise = objective.make_noise(latents, cfg, generator)
+    if fixed_t is None:
+        t = objective.sample_timesteps(cfg, latents.shape[0], image_seq_len=run.family.image_seq_len(latents),
+                                       generator=generator, device=device)  # fmt: skip
+    else:
+        t = torch.full((latents.shape[0],), fixed_t, device=device)
+    noisy = objective.noisy_model_input(
+        latents, noise, t, ip_noise_gamma=cfg.ip_noise_gamma,
+        ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength, generator=generator,
+    )  # fmt: skip
+    return noise, t, noisy
 
 
 def _preservation_target(run: TrainingRun, batch: dict, inputs: ModelInput, latents: Tensor,

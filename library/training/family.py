@@ -104,8 +104,9 @@ class ModelFamily(Protocol):
     def to_model_latents(self, latents: Tensor) -> Tensor:
         """Latents as the codec encodes and the cache stores them -> the space the objective noises."""
 
-    def encode_latents(self, images: Tensor) -> Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> cache-space latents (batches that were not cached)."""
+    def encode_latents(self, images: Tensor, keys: list[tuple] | None = None) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> cache-space latents (batches that were not cached); ``keys`` name each
+        image's posterior draw (see ``library/random_streams.py``)."""
 
     def encode_text(self, captions: list[str], cached: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Captions -> text outputs with the cache's keys; differentiable (text-encoder LoRA trains through it).

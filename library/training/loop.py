@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -27,6 +29,7 @@ from library.inference.images import save_png
 from library.training import objective
 from library.training.batch_loss import batch_loss
 from library.training.checkpoints import CheckpointNaming, atomic_directory, write_json
+from library.training.distributed import check_in_sync
 from library.training.family import ModelFamily
 from library.training.metadata import saved_metadata
 from library.training.optimizer_step import OptimizerStep
@@ -86,6 +89,7 @@ class LoopSettings:
     log_prefix: str = ""
     masked_loss: bool = False  # conditioning images (R channel) are loss masks, as upstream's --masked_loss
     control_hints: bool = False  # conditioning images are a ControlNet's control hints (never loss masks)
+    check_sync: bool = False  # --ddp_check_sync: compare the processes' trained weights after every step
 
 
 @dataclass
@@ -145,17 +149,36 @@ def save_model(run: TrainingRun, path: Path, state: TrainState, kind: str, numbe
 
 
 def save_state(run: TrainingRun, path: Path, state: TrainState) -> None:
-    """accelerate's state (model, optimizer, scheduler, RNGs) plus our position, written atomically."""
-    run.accelerator.wait_for_everyone()
+    """accelerate's state (model, optimizer, scheduler, every process's RNGs) plus our position, written atomically:
+    every process writes its part into one temporary folder, which the main process renames when all are done."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
 
-    def write(folder: Path) -> None:
-        run.accelerator.save_state(str(folder))
-        if run.accelerator.is_main_process:
+        def write(folder: Path) -> None:
+            accelerator.save_state(str(folder))
             write_json(folder / STATE_FILE, state.to_json())
 
-    if run.accelerator.is_main_process:
         atomic_directory(path, write)
+    else:
+        tmp = path.with_name(f".{path.name}.partial")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / STATE_FILE, state.to_json())
+            atomic_directory(path, lambda folder: _move_contents(tmp, folder))
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
     logger.info("saved state %s", path)
+
+
+def _move_contents(source: Path, folder: Path) -> None:
+    for entry in source.iterdir():
+        os.replace(entry, folder / entry.name)
 
 
 def load_state(run: TrainingRun, path: Path) -> TrainState:
@@ -295,7 +318,8 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
             for swap in run.family.block_swaps:
                 swap.prepare_for_training()
             with run.accelerator.accumulate(run.target.module):
-                loss = batch_loss(run, batch)
+                # through the prepared module's forward: with DDP its reducer then averages the gradients in backward
+                loss = run.target.module(lambda batch=batch: batch_loss(run, batch))
                 run.optimizer_step.step(run.accelerator, loss, run.target.before_optimizer_step)
             state.batches_in_epoch = index + 1
             if not run.accelerator.sync_gradients:
@@ -306,13 +330,15 @@ def fit(run: TrainingRun, state: TrainState | None = None) -> TrainState:
             state.losses.append(value)
             lr = run.optimizer_step.lr
             norms = run.target.scale_weight_norms()
+            if s.check_sync and run.accelerator.num_processes > 1:
+                check_in_sync(run.accelerator, run.target.module, state.global_step)
             progress.stepped(value, lr, norms)
             run.accelerator.log({f"{s.log_prefix}loss/current": value, f"{s.log_prefix}lr/unet": lr,
                                  **{f"{s.log_prefix}{k}": v for k, v in norms.items()}}, step=state.global_step)  # fmt: skip
             _after_step(run, state, progress)
             if state.global_step >= s.max_train_steps:
                 break
-        if state.batches_in_epoch >= len(run.dataset):
+        if state.batches_in_epoch >= len(run.loader):  # this process's batches per epoch
             state.epoch += 1
             state.batches_in_epoch = 0
             _after_epoch(run, state, progress)

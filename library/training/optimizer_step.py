@@ -68,8 +68,10 @@ class OptimizerStep(Protocol):
     def accelerate_objects(self) -> list:
         """The optimizers and schedulers accelerate saves and loads (in this order)."""
 
-    def prepare(self, accelerator: Accelerator) -> None:
-        """Register ``accelerate_objects()`` with accelerate (so save_state/load_state include them)."""
+    def prepare(self, accelerator: Accelerator, module: torch.nn.Module | None = None,
+                device_placement: bool = True) -> torch.nn.Module | None:  # fmt: skip
+        """Register ``accelerate_objects()`` with accelerate (so save_state/load_state include them); with
+        ``module``, prepare it in the same call and return it prepared."""
 
     def train_mode(self) -> None:
         """Schedule-free optimizers' training weights (before training steps); a no-op for others."""
@@ -239,10 +241,19 @@ class _Schedules:
     def accelerate_objects(self) -> list:
         return [*self.optimizers, *self.schedulers]
 
-    def prepare(self, accelerator: Accelerator) -> None:
-        prepared = accelerator.prepare(*self.accelerate_objects())
+    def prepare(self, accelerator: Accelerator, module: torch.nn.Module | None = None,
+                device_placement: bool = True) -> torch.nn.Module | None:  # fmt: skip
+        """Register the optimizers and schedulers; with ``module``, prepare it in the same call (DeepSpeed builds
+        its engine from the model and its optimizer together) and return the prepared module."""
+        objects = self.accelerate_objects()
+        if module is None:
+            prepared = accelerator.prepare(*objects)
+        else:
+            prepared = accelerator.prepare(module, *objects, device_placement=[device_placement] + [None] * len(objects))
+            module, prepared = prepared[0], prepared[1:]
         n = len(self.optimizers)
         self.optimizers, self.schedulers = list(prepared[:n]), list(prepared[n:])
+        return module
 
     def train_mode(self) -> None:
         for optimizer in self.optimizers:

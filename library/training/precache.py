@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from library.data.dataset import DatasetOptions, build_dataset_groups
-from library.data.encode_caches import check_latents_cacheable, check_text_cacheable
+from library.data.encode_caches import Shard, check_latents_cacheable, check_text_cacheable
 from library.training import session
 from library.training.family import FamilySpec, LoadOptions
 
@@ -44,7 +44,7 @@ def precache_latents(args: argparse.Namespace, spec: FamilySpec) -> int:
     check_latents_cacheable([item for g in groups for item in g.all_items()])
     accelerator, options = _setup(args)
     codec = spec.load_latent_codec(args, options)
-    encoded = sum(g.cache_latents(codec, is_main_process=accelerator.is_main_process) for g in groups)
+    encoded = sum(g.cache_latents(codec, shard=Shard(accelerator.process_index, accelerator.num_processes)) for g in groups)
     accelerator.wait_for_everyone()
     logger.info("latent cache ready: %d images encoded, %d already cached", encoded, items - encoded)
     return encoded
@@ -57,7 +57,7 @@ def precache_text_encoder_outputs(args: argparse.Namespace, spec: FamilySpec) ->
     check_text_cacheable([item for g in groups for item in g.all_items()])
     accelerator, options = _setup(args)
     codec = spec.load_text_codec(args, options)
-    encoded = sum(g.cache_text_encoder_outputs(codec, is_main_process=accelerator.is_main_process) for g in groups)
+    encoded = sum(g.cache_text_encoder_outputs(codec, shard=Shard(accelerator.process_index, accelerator.num_processes)) for g in groups)
     accelerator.wait_for_everyone()
     logger.info("text-encoder output cache ready: %d captions encoded", encoded)
     return encoded

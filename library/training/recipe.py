@@ -21,11 +21,11 @@ from torch import nn
 
 from library.data.dataset import DatasetOptions, build_dataset_groups
 from library.data.debug import show_dataset
-from library.data.encode_caches import check_latents_cacheable, check_text_cacheable
+from library.data.encode_caches import Shard, check_latents_cacheable, check_text_cacheable
 from library.dtypes import parse_dtype
 from library.memory.checkpointing import enable_block_checkpointing
 from library.memory.compile import compile_blocks
-from library.training import session
+from library.training import distributed, session
 from library.training.checkpoints import CheckpointNaming
 from library.training.family import FamilySpec, LoadOptions, ModelFamily
 from library.training.loop import TrainingRun, TrainingTarget, TrainState, fit, load_state
@@ -89,9 +89,9 @@ def _prepare_family(args: argparse.Namespace, spec: FamilySpec, accelerator: Acc
     family = spec.load(args, plan.load_options(args, options))
     for group in groups:
         if group.options.cache_latents:
-            group.cache_latents(family.latent_codec, is_main_process=accelerator.is_main_process)
+            group.cache_latents(family.latent_codec, shard=Shard(accelerator.process_index, accelerator.num_processes))
         if group.options.cache_text_encoder_outputs:
-            group.cache_text_encoder_outputs(family.text_codec, is_main_process=accelerator.is_main_process)
+            group.cache_text_encoder_outputs(family.text_codec, shard=Shard(accelerator.process_index, accelerator.num_processes))
     if groups[0].options.cache_text_encoder_outputs and not plan.trains_text_encoders and not args.highvram:
         family.offload_text_encoders()  # only sample prompts need them now: keep them off the accelerator
     accelerator.wait_for_everyone()
@@ -125,9 +125,11 @@ def run_training(args: argparse.Namespace, spec: FamilySpec, plan: TrainingPlan)
     objective = spec.objective(args)
     plan.check_args(args, spec)
     accelerator = session.make_accelerator(args)
+    distributed.check_launch(accelerator.num_processes, blocks_to_swap=args.blocks_to_swap, full_model=plan.full_model)
     kind = plan.step_kind(args, accelerator.num_processes)
     seed = session.resolve_seed(args, started)
     group, held_out = build_dataset_groups(DatasetOptions.from_args(args))
+    group.shard(accelerator.num_processes, accelerator.process_index)
     groups = [group] if held_out is None else [group, held_out]
     _check_caching(args, groups)
     if args.debug_dataset:
@@ -141,6 +143,7 @@ def run_training(args: argparse.Namespace, spec: FamilySpec, plan: TrainingPlan)
         args.blocks_to_swap = 0 if args.blocks_to_swap == "auto" else args.blocks_to_swap
     set_seed(seed)
     family = _prepare_family(args, spec, accelerator, groups, plan)
+    set_seed(seed)  # the new network's initial weights do not depend on how much caching drew from the stream
     module, param_groups = plan.build(args, family)
     if args.torch_compile:
         compile_blocks(family.blocks, args.dynamo_backend)
@@ -149,15 +152,15 @@ def run_training(args: argparse.Namespace, spec: FamilySpec, plan: TrainingPlan)
     optimizer_step = build_optimizer_step(
         kind, param_groups,
         lambda params: build_optimizer(args.optimizer_type or "AdamW", params, args.learning_rate, args.optimizer_args),
-        lambda optimizer: session.make_scheduler(args, optimizer, max_steps, accelerator.num_processes),
+        lambda optimizer: session.make_scheduler(args, optimizer, max_steps),
         args.max_grad_norm,
     )  # fmt: skip
-    loader = session.make_loader(args, group, seed)
-    prepared, loader = accelerator.prepare(module, loader, device_placement=[plan.device_placement, True])
-    optimizer_step.prepare(accelerator)
+    loader = session.prepare_loader(accelerator, session.make_loader(args, group, seed))
+    wrapped = distributed.TrainedModules(module, accelerator.device.type)
+    prepared = optimizer_step.prepare(accelerator, wrapped, plan.device_placement)
     validation = session.make_validation(args, accelerator, held_out, objective, seed)
     session.init_trackers(args, accelerator, plan.tracker_name)
-    bare = accelerator.unwrap_model(prepared)
+    bare = accelerator.unwrap_model(prepared).inner
     run = TrainingRun(
         accelerator=accelerator, family=family,
         target=plan.target(bare, prepared, parse_dtype(args.save_precision, "--save_precision")),

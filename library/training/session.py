@@ -13,12 +13,14 @@ from pathlib import Path
 import toml
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 from library.data.dataset import data_loader_workers
 from library.errors import UserError
 from library.memory.compile import check_backend
 from library.training import args as training_args
+from library.training import distributed
 from library.training.loop import LoopSettings, TrainState
 from library.training.lr_schedulers import build_lr_scheduler, resolve_step_count
 from library.training.objective import ObjectiveConfig
@@ -45,6 +47,7 @@ def check_common_options(args: argparse.Namespace) -> None:
         raise UserError("--gradient_accumulation_steps and --max_train_steps must be at least 1")
     if args.torch_compile:
         check_backend(args.dynamo_backend)
+    distributed.check_distributed_args(args)
 
 
 def weight_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -64,6 +67,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with, project_dir=args.logging_dir, cpu=args.device == "cpu",
+        # a step's batch is split between the processes (DatasetGroup.shard), so the lr schedule steps once a step
+        dataloader_config=DataLoaderConfiguration(split_batches=True), **distributed.accelerator_kwargs(args),
     )  # fmt: skip
 
 
@@ -75,9 +80,9 @@ def step_counts(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, 
     return args.max_train_steps, math.ceil(args.max_train_steps / updates_per_epoch)
 
 
-def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int):
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int):
     return build_lr_scheduler(
-        args.lr_scheduler_type or args.lr_scheduler, optimizer, num_training_steps=max_steps * num_processes,
+        args.lr_scheduler_type or args.lr_scheduler, optimizer, num_training_steps=max_steps,
         num_warmup_steps=resolve_step_count(args.lr_warmup_steps, max_steps, "--lr_warmup_steps"),
         num_decay_steps=resolve_step_count(args.lr_decay_steps, max_steps, "--lr_decay_steps"),
         num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
@@ -115,9 +120,19 @@ def make_validation(args: argparse.Namespace, accelerator: Accelerator, held_out
         every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs,
         max_steps=args.max_validation_steps,
     )  # fmt: skip
-    loader = accelerator.prepare(make_loader(args, held_out, settings.seed))
+    loader = prepare_loader(accelerator, make_loader(args, held_out, settings.seed))
     logger.info("validation: %d batches at t = %s, seed %d", len(loader), settings.timesteps, settings.seed)
     return Validation(settings, loader)
+
+
+def prepare_loader(accelerator: Accelerator, loader: DataLoader):
+    """The loader as accelerate runs it (batches on the device, the end of an epoch known to gradient accumulation)
+    but not split between processes: the dataset group already gives each process its part of every global batch
+    (``DatasetGroup.shard``), so all processes have the same number of batches."""
+    from accelerate.data_loader import prepare_data_loader
+
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                               put_on_device=True, non_blocking=False)  # fmt: skip
 
 
 def _first(batch: list):
@@ -169,6 +184,7 @@ def loop_settings(args: argparse.Namespace, max_steps: int, num_epochs: int, see
         save_state_on_train_end=args.save_state_on_train_end, sample_every_n_steps=args.sample_every_n_steps,
         sample_every_n_epochs=args.sample_every_n_epochs, sample_at_first=args.sample_at_first, seed=seed,
         log_prefix=args.log_prefix or "", masked_loss=args.masked_loss, control_hints=control_hints,
+        check_sync=args.ddp_check_sync,
     )  # fmt: skip
 
 

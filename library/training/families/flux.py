@@ -184,8 +184,8 @@ class FluxFamily:
     def to_model_latents(self, latents: Tensor) -> Tensor:
         return latents  # the AE's encode already scales and shifts: the cache holds model-space latents
 
-    def encode_latents(self, images: Tensor) -> Tensor:
-        return self.latent_codec.encode_latents(images)
+    def encode_latents(self, images: Tensor, keys: list[tuple] | None = None) -> Tensor:
+        return self.latent_codec.encode_latents(images, keys)
 
     def encode_text(self, captions: list[str], cached: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         if cached is None:

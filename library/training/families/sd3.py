@@ -175,8 +175,8 @@ class SD3Family:
         params = self.ae.params
         return (latents - params.shift_factor) * params.scale_factor
 
-    def encode_latents(self, images: Tensor) -> Tensor:
-        return self.latent_codec.encode_latents(images)
+    def encode_latents(self, images: Tensor, keys: list[tuple] | None = None) -> Tensor:
+        return self.latent_codec.encode_latents(images, keys)
 
     def encode_text(self, captions: list[str], cached: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         if cached is None:

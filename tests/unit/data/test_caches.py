@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from library.data import caches
 from library.data.dataset import DatasetOptions, EpochPosition, build_dataset_group, build_dataset_groups
+from library.data.encode_caches import Shard
 from library.errors import UserError
 from tests.helpers import write_images, write_toml
 
@@ -27,7 +28,7 @@ class PoolEncoder:
     def __init__(self):
         self.encoded = 0
 
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, images: torch.Tensor, keys=None) -> torch.Tensor:
         self.encoded += images.shape[0]
         pooled = F.avg_pool2d(images, 8)
         return torch.cat([pooled * (i + 1) for i in range(6)], dim=1)[:, :16]
@@ -135,12 +136,20 @@ def test_latent_caching_is_refused_with_changing_augmentations(tmp_path: Path):
             group.cache_latents(PoolEncoder())
 
 
-def test_only_the_main_process_writes(tmp_path: Path):
-    group = make_group(tmp_path, cache_latents=True, cache_latents_to_disk=True)
-    assert group.cache_latents(PoolEncoder(), is_main_process=False) == 0
-    assert not list((tmp_path / "img").glob("*.npz"))
-    group.cache_text_encoder_outputs(CountingText(), is_main_process=False)
-    assert not list((tmp_path / "img").glob("*.npz"))
+def test_processes_split_the_disk_caches(tmp_path: Path):
+    """Process i of N writes every N-th image's and caption's files; together they cover the dataset once."""
+    group = make_group(tmp_path, cache_latents=True, cache_latents_to_disk=True, cache_text_encoder_outputs=True,
+                       cache_text_encoder_outputs_to_disk=True)  # fmt: skip
+    written = []
+    for index in (1, 0):
+        before = set((tmp_path / "img").glob("*.npz"))
+        encoded = group.cache_latents(PoolEncoder(), shard=Shard(index, 2))
+        group.cache_text_encoder_outputs(CountingText(), shard=Shard(index, 2))
+        new = set((tmp_path / "img").glob("*.npz")) - before
+        assert encoded >= 1 and len(new) >= 2
+        written.append(new)
+    assert not written[0] & written[1]
+    assert group.cache_latents(PoolEncoder()) == 0 and group.cache_text_encoder_outputs(CountingText()) == 0
 
 
 def test_a_kill_during_a_cache_write_leaves_the_old_file(tmp_path: Path, monkeypatch):

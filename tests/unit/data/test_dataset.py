@@ -321,3 +321,40 @@ def test_data_loader_workers_capped_at_the_usable_cpus(monkeypatch):
     assert data_loader_workers(8) == 3
     monkeypatch.setattr(dataset_module.os, "cpu_count", lambda: None)
     assert data_loader_workers(8) == 1
+
+
+def test_processes_split_each_global_batch_as_one_process_with_the_whole_batch(tmp_path: Path):
+    """N processes with batch size b see, between them, exactly the batches one process with batch size N*b sees,
+    with the same per-sample captions and keys; a process left without a sample gets a zero-weight copy, and each
+    part's loss denominator makes the processes' average the global batch's mean."""
+    write_images(tmp_path / "img", [(64, 64)] * 5 + [(128, 64)] * 3, [f"photo {i}" for i in range(8)])
+
+    def group(batch_size: int, processes: int, index: int):
+        config = write_toml(tmp_path / f"d{batch_size}.toml", f"""
+            [general]
+            shuffle_caption = true
+            caption_extension = ".txt"
+            [[datasets]]
+            resolution = [128, 128]
+            batch_size = {batch_size}
+            [[datasets.subsets]]
+            image_dir = '{tmp_path / "img"}'
+            """)  # fmt: skip
+        g = build_dataset_group(options(dataset_config=config))
+        g.shard(processes, index)
+        return g
+
+    whole = group(2, 1, 0)
+    parts = [group(1, 2, r) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == 5  # buckets of 5 and 3: 3 + 2 global batches of 2
+    for epoch in (1, 2):
+        for i in range(len(whole)):
+            one = whole[EpochPosition(epoch, i, 0)]
+            split = [p[EpochPosition(epoch, i, 0)] for p in parts]
+            assert split[0]["image_paths"] + split[1]["image_paths"] == one["image_paths"]
+            assert split[0]["captions"] + split[1]["captions"] == one["captions"]
+            assert split[0]["sample_keys"] + split[1]["sample_keys"] == one["sample_keys"]
+            assert split[0]["loss_denominator"] == split[1]["loss_denominator"] == len(one["image_paths"]) / 2
+    three = [group(1, 3, r) for r in range(3)]
+    last = [p[EpochPosition(1, len(three[0]) - 1, 0)] for p in three]  # a bucket's last global batch: 2 of 3 slots
+    assert [b["loss_weights"].tolist() for b in last] == [[0.0], [1.0], [1.0]]
