@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repository script the way users do: a fresh Python process, real argv."""
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the xdist workers share the cores: one thread per script run
+        env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], capture_output=True, text=True, cwd=cwd or REPO, env=env,
         timeout=timeout,

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from transformers import T5EncoderModel
 
-from library.errors import UserError
 from library.memory.checkpointing import disable_block_checkpointing, enable_block_checkpointing
 from library.memory.estimate_activations import ActivationProfile, measure_activations, measure_forward
 from library.memory.estimate_models import (
@@ -535,9 +534,7 @@ def estimate_memory(
     checkpointing switched the other way, for the summary. ``target`` "cpu" runs CPU's attention kernel instead of
     the CUDA ones, to check the activation model against CPU runs (CUDA autocast is emulated whenever the compute
     dtype is not fp32)."""
-    if options.blocks_to_swap > arch.layout.max_swap():
-        raise UserError(f"--blocks_to_swap {options.blocks_to_swap}: {arch.name or arch.family} swaps at most "
-                        f"{arch.layout.max_swap()} blocks")  # fmt: skip
+    arch.layout.check_swap(options.blocks_to_swap, arch.name or arch.family)
     run = _build_run(arch, options)
     optimizer = optimizer_memory(options.optimizer_type, options.optimizer_args, _param_info(run.trainable, run),
                                  foreach=target == "cuda")  # fmt: skip

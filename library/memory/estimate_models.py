@@ -15,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library.errors import UserError
 from library.io.safetensors_file import SafetensorsHeader, read_header
+from library.memory.block_swap import split_flux_swap
 from library.memory.estimate_activations import BlockList
 from library.memory.fp8 import FP8_DTYPES
 from library.models.autoencoder.loading import AUTOENCODER_PREFIXES, detect_autoencoder_params
@@ -227,6 +228,11 @@ class DenoiserLayout:
         """The most ``--blocks_to_swap`` upstream accepts for this model."""
         raise NotImplementedError
 
+    def check_swap(self, blocks_to_swap: int, name: str) -> None:
+        """UserError when ``blocks_to_swap`` is beyond this model's limit (the message block swap itself gives)."""
+        if blocks_to_swap > self.max_swap():
+            raise UserError(f"--blocks_to_swap {blocks_to_swap}: {name} swaps at most {self.max_swap()} blocks")
+
     def swapped_groups(self, model: nn.Module, blocks_to_swap: int) -> list[list[nn.Module]]:
         """The blocks whose weights leave the device, per offloader (one per block list with blocks to swap)."""
         raise NotImplementedError
@@ -266,6 +272,9 @@ class FluxLayout(DenoiserLayout):
     def split(blocks_to_swap: int) -> tuple[int, int]:
         double = blocks_to_swap // 2
         return double, 2 * (blocks_to_swap - double)
+
+    def check_swap(self, blocks_to_swap: int, name: str) -> None:
+        split_flux_swap(blocks_to_swap, self.params.depth, self.params.depth_single_blocks)
 
     def max_swap(self) -> int:
         n = 0

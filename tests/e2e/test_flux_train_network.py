@@ -63,7 +63,7 @@ def test_upstream_readme_command_trains_and_saves(tiny_models, tmp_path):
         "--save_precision", "bf16", "--network_module", "networks.lora_flux", "--network_dim", "4",
         "--network_train_unet_only", "--optimizer_type", "adamw8bit", "--learning_rate", "1e-4",
         "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk", "--fp8_base", "--highvram",
-        "--max_train_epochs", "4", "--save_every_n_epochs", "1", "--dataset_config", str(config),
+        "--max_train_epochs", "2", "--save_every_n_epochs", "1", "--dataset_config", str(config),
         "--output_dir", str(out), "--output_name", "flux-lora-name", "--timestep_sampling", "shift",
         "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw", "--guidance_scale", "1.0",
     ]  # fmt: skip
@@ -71,7 +71,7 @@ def test_upstream_readme_command_trains_and_saves(tiny_models, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = sorted(p.name for p in out.glob("*.safetensors"))
-    assert saved == [f"flux-lora-name-{e:06d}.safetensors" for e in (1, 2, 3)] + ["flux-lora-name.safetensors"]
+    assert saved == ["flux-lora-name-000001.safetensors", "flux-lora-name.safetensors"]
     final = out / "flux-lora-name.safetensors"
     tensors = load_file(final)
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
@@ -79,8 +79,8 @@ def test_upstream_readme_command_trains_and_saves(tiny_models, tmp_path):
     meta = metadata_of(final)
     assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_network_dim"] == "4"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
-    assert meta["ss_num_train_images"] == "8" and meta["ss_epoch"] == "4"
-    assert meta["ss_steps"] == str(4 * int(meta["ss_num_batches_per_epoch"]))
+    assert meta["ss_num_train_images"] == "8" and meta["ss_epoch"] == "2"
+    assert meta["ss_steps"] == str(2 * int(meta["ss_num_batches_per_epoch"]))
     assert json.loads(meta["ss_datasets"])[0]["subsets"][0]["num_repeats"] == 2
     images = tmp_path / "tiny_dataset"
     assert (images / "red_circle_0064x0064_flux.npz").exists() and (images / "red_circle_flux_te.npz").exists()

@@ -309,7 +309,7 @@ def test_the_controlnet_parser_gives_control_options_and_the_network_parser_refu
     from library.training.families.flux import FLUX
     from library.training.network_training import build_network_parser
 
-    with pytest.raises(UserError, match="--conditioning_data_dir with --train_data_dir is upstream's ControlNet"):
+    with pytest.raises(UserError, match="--conditioning_data_dir is for the ControlNet training script"):
         build_network_parser(FLUX, "").parse_args(argv)
 
 
