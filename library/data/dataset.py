@@ -373,7 +373,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         encoded (with several processes, each encodes its ``shard``)."""
         o = self.options
         return cache_latents(self.all_items(), encoder, to_disk=o.cache_latents_to_disk, skip_check=o.skip_cache_check,
-                             batch_size=o.vae_batch_size, shard=shard)  # fmt: skip
+                             batch_size=o.vae_batch_size, shard=shard, seed=o.seed)  # fmt: skip
 
     def cache_text_encoder_outputs(self, encoder: TextEncoderOutputs, *, shard: Shard = Shard()) -> int:
         """Fill the text-encoder output cache; returns captions this process encoded."""
@@ -395,6 +395,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         rngs = [random.Random(f"{self.options.seed}/{key.epoch}/batch{key.index}/{p}") for p in positions]
         batch = make_batch([items[p] for p in positions], self.options, rngs, epoch=key.epoch, step=key.step,
                            max_train_steps=self.max_train_steps)  # fmt: skip
+        batch["padding"] = padded
         if padded:
             batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
         # the loss is summed over this part and divided by the global batch's share per process, so that the

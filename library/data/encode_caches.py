@@ -104,9 +104,11 @@ def cache_latents(
     skip_check: bool = False,
     batch_size: int = 1,
     shard: Shard = Shard(),
+    seed: int = 0,
 ) -> int:
     """Encode every item's bucket-sized image (and its mirror with flip_aug) unless a valid cache exists; returns
-    how many images this process encoded. Refuses augmentations a cache would freeze (color_aug, random_crop)."""
+    how many images this process encoded. Refuses augmentations a cache would freeze (color_aug, random_crop).
+    Each image's posterior draw comes from a stream keyed by ``seed`` and the image."""
     check_latents_cacheable(items)
     todo: dict[tuple, list[ImageItem]] = {}
     others: dict[tuple, list[ImageItem]] = {}  # memory caches other processes encode
@@ -142,7 +144,7 @@ def cache_latents(
     with tqdm(total=len(groups), desc="caching latents", unit="image", disable=not groups) as bar:
         for bucket_groups in by_bucket.values():
             for batch in _batches(bucket_groups, batch_size):
-                _encode_latent_batch(batch, encoder, to_disk)
+                _encode_latent_batch(batch, encoder, to_disk, seed)
                 bar.update(len(batch))
     if not to_disk and shard.count > 1:
         shared = shard.exchange({key: same[0].latents for key, same in todo.items()})
@@ -152,7 +154,7 @@ def cache_latents(
     return len(groups)
 
 
-def _encode_latent_batch(batch: list[list[ImageItem]], encoder: LatentEncoder, to_disk: bool) -> None:
+def _encode_latent_batch(batch: list[list[ImageItem]], encoder: LatentEncoder, to_disk: bool, seed: int) -> None:
     pixels, masks, crops = [], [], []
     for same in batch:
         item = same[0]
@@ -165,7 +167,7 @@ def _encode_latent_batch(batch: list[list[ImageItem]], encoder: LatentEncoder, t
         crops.append(crop)
     images = torch.stack(pixels)
     # each image's posterior draw is keyed by the image, so the cache is the same whichever process encodes it
-    keys = [("latent cache", str(same[0].path), same[0].bucket) for same in batch]
+    keys = [(seed, "latent cache", str(same[0].path), same[0].bucket) for same in batch]
     latents = encoder.encode_latents(images, keys).float().cpu().numpy()
     flipped = None
     if batch[0][0].subset.flip_aug or any(same[0].subset.flip_aug for same in batch):

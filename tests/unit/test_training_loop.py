@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from library.models.flux.model import Flux
 from library.models.flux.tiny import make_flux_state_dict, tiny_flux_params
 from library.training.checkpoints import CheckpointNaming
+from library.training.distributed import TrainedModules
 from library.training.loop import LoopSettings, TrainingRun, fit, load_state
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.objective import ObjectiveConfig
@@ -90,10 +91,10 @@ def _run(tmp_path: Path, settings: LoopSettings, lr: float = 1e-2, **names) -> T
     )  # fmt: skip
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=settings.gradient_accumulation_steps)
     dataset = CachedDataset()
-    network = accelerator.prepare(network)
-    optimizer_step.prepare(accelerator)
+    prepared = optimizer_step.prepare(accelerator, TrainedModules(network, "cpu"))  # as the recipe prepares it
     return TrainingRun(
-        accelerator=accelerator, family=TinyFamily(flux), target=NetworkTarget(network, False, None), dataset=dataset,
+        accelerator=accelerator, family=TinyFamily(flux), target=NetworkTarget(network, False, None, prepared),
+        dataset=dataset,
         loader=dataset, optimizer_step=optimizer_step,
         objective=ObjectiveConfig(timestep_sampling="uniform", model_prediction_type="raw"), settings=settings,
         naming=CheckpointNaming(tmp_path, names.get("output_name", "lora")), metadata={"ss_network_module": "networks.lora_flux"},
