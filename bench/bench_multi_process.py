@@ -6,7 +6,7 @@ Each configuration runs the real command line twice (--warmup steps, then --warm
 the difference divided by --steps, so start-up and model loading cancel out. Both use all cores: one process with
 --threads, two processes with --threads / 2 each.
 
-    .venv/bin/python bench/bench_multi_process.py [--steps 8] [--batch 1] [--threads 2]
+    .venv/bin/python bench/bench_multi_process.py [--steps 30] [--batch 1] [--threads 2] [--width 512] [--resolution 128]
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _dataset(root: Path, batch: int) -> Path:
+def _dataset(root: Path, batch: int, resolution: int) -> Path:
     from PIL import Image
 
     images = root / "images"
     if not images.exists():
         images.mkdir(parents=True)
         for i in range(16):
-            Image.new("RGB", (64, 64), (16 * i, 255 - 16 * i, 128)).save(images / f"{i:02d}.png")
+            Image.new("RGB", (resolution, resolution), (16 * i, 255 - 16 * i, 128)).save(images / f"{i:02d}.png")
             (images / f"{i:02d}.txt").write_text(f"a square of colour {i}", encoding="utf-8")
     config = root / f"batch{batch}.toml"
-    config.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\nbatch_size = {batch}\n"
+    config.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = {resolution}\nbatch_size = {batch}\n"
                       f"[[datasets.subsets]]\nimage_dir = '{images}'\nnum_repeats = 8\n", encoding="utf-8")  # fmt: skip
     return config
 
@@ -91,8 +91,10 @@ def _allreduce_worker(numel: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps (beyond the warm-up run)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (beyond the warm-up run)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--width", type=int, default=512, help="FLUX hidden size (2 double + 4 single blocks)")
+    parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1, help="batch size per process with 2 processes")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all")
     parser.add_argument("--allreduce", type=int, default=None, help=argparse.SUPPRESS)  # worker mode
@@ -105,11 +107,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = make_tiny_flux_set(root / "models")
+        models = make_tiny_flux_set(root / "models", hidden_size=args.width, depth_single_blocks=4)
         step: dict[int, float] = {}
         params = 0
         for processes, batch in ((1, 2 * args.batch), (2, args.batch)):
-            config = _dataset(root, batch)
+            config = _dataset(root, batch, args.resolution)
             threads = max(1, args.threads // processes)
             short, _ = _train(models, config, root / f"short{processes}", args.warmup, processes, threads)
             long, log = _train(models, config, root / f"long{processes}", args.warmup + args.steps, processes, threads)
@@ -123,7 +125,8 @@ def main() -> None:
         if match is None:
             raise SystemExit(result.stderr[-3000:])
         allreduce = float(match.group(1))
-    print(f"global batch {2 * args.batch}, {params} trained parameters, {args.threads} threads in all")
+    print(f"FLUX width {args.width}, 2+4 blocks, {args.resolution}px, global batch {2 * args.batch}, {params} trained "
+          f"parameters (LoRA rank 16), {args.threads} CPU threads in all, {args.steps} timed steps")
     print(f"step, 1 process x batch {2 * args.batch}: {step[1] * 1000:.1f} ms")
     print(f"step, 2 processes x batch {args.batch}: {step[2] * 1000:.1f} ms")
     print(f"ratio 2 processes / 1 process: {step[2] / step[1]:.3f}")
