@@ -111,11 +111,13 @@ class ControlNetPlan:
             controlnet.to(torch.bfloat16 if args.full_bf16 else torch.float16)
         family.attach_controlnet(controlnet)
         self.family = family
+        for param in getattr(controlnet, "unused_parameters", list)():
+            param.requires_grad_(False)  # never gets a gradient (see FluxControlNet.unused_parameters)
         blocks = list(getattr(controlnet, "double_blocks", []))
         in_blocks = {id(p) for block in blocks for p in block.parameters()}
-        groups = [(f"block {i}", [{"params": list(b.parameters()), "lr": args.learning_rate}])
+        groups = [(f"block {i}", [{"params": [p for p in b.parameters() if p.requires_grad], "lr": args.learning_rate}])
                   for i, b in enumerate(blocks)]  # fmt: skip
-        rest = [p for p in controlnet.parameters() if id(p) not in in_blocks]
+        rest = [p for p in controlnet.parameters() if id(p) not in in_blocks and p.requires_grad]
         groups.append(("other", [{"params": rest, "lr": args.learning_rate}]))
         return controlnet, groups
 

@@ -1,7 +1,8 @@
 """Two real processes on the CPU (gloo) through the real command line, launched as users launch (accelerate launch
 --multi_gpu with ACCELERATE_USE_CPU=1): LoRA and full fine-tuning of FLUX.1 and an SD3 LoRA. The processes' weights
 are bit-identical after every step (--ddp_check_sync), each save is one file, two processes with batch size 1 train
-exactly as one process with batch size 2, and a two-process resume continues the uninterrupted run."""
+exactly as one process with batch size 2, and a two-process resume continues the uninterrupted run. ControlNet training
+too."""
 
 from __future__ import annotations
 
@@ -115,6 +116,20 @@ def test_full_fine_tuning_with_two_processes_and_block_swap_refused(tiny_models,
     assert swap.returncode != 0
     assert "error: --blocks_to_swap with full fine-tuning on 2 processes: DDP cannot hold" in swap.stderr
     assert str(REPO / "library") not in swap.stderr  # one line per process (accelerate's launcher adds its own trace)
+
+
+def test_controlnet_with_two_processes(tiny_models, tmp_path):
+    from tests.e2e.test_flux_controlnet_training import pairs
+
+    images, controls = pairs(tmp_path)
+    out = tmp_path / "cn"
+    result = launch("flux_train_control_net.py", *model_args(tiny_models), "--train_data_dir", str(images),
+                    "--conditioning_data_dir", str(controls), "--resolution", "64", "--caption_extension", ".txt",
+                    "--output_dir", str(out), "--output_name", "cn", "--max_train_steps", "2", "--seed", "3",
+                    "--t5xxl_max_token_length", "16", "--learning_rate", "1e-3", "--max_data_loader_n_workers", "0",
+                    "--ddp_check_sync")  # fmt: skip
+    assert_in_sync(result, 2)
+    assert sorted(p.name for p in out.iterdir()) == ["cn.safetensors"]
 
 
 def test_sd3_lora_with_two_processes(tiny_sd3_models, tmp_path):

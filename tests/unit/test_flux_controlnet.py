@@ -344,3 +344,14 @@ def test_parity_catches_a_transposed_hint(parity_setup, monkeypatch):
     pack = controlnet_module.pack_latents
     monkeypatch.setattr(controlnet_module, "pack_latents", lambda x: pack(x.transpose(2, 3)))
     assert _rel(_ours(ours_base, ours_cn, inputs, hint)[1], ref_out) > 1e-3
+
+
+def test_unused_parameters_are_exactly_those_without_a_gradient():
+    """Training freezes them (DDP needs a gradient for every trained parameter; the check in
+    tests/e2e/test_multi_process.py found them): the last block's text-stream output layers."""
+    base = _base(_params())
+    inputs, hint = _inputs()
+    controlnet = new_flux_controlnet(base).train()
+    base(**inputs, controlnet_block_samples=controlnet(controlnet_cond=hint, **inputs)).square().mean().backward()
+    no_grad = {id(p) for p in controlnet.parameters() if p.grad is None}
+    assert no_grad and no_grad == {id(p) for p in controlnet.unused_parameters()}

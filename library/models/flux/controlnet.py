@@ -99,6 +99,13 @@ class FluxControlNet(nn.Module):
         self.pos_embed_input = nn.Linear(4 * HINT_CHANNELS, hidden, bias=True)
         self.input_hint_block = _hint_block()
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """The last double block's text-stream output layers: only each block's image output becomes a sample, so
+        the last block's text output is never used and these weights never get a gradient. Training freezes them
+        (they would not change anyway); DDP needs every trained parameter to get one."""
+        last = self.double_blocks[-1]
+        return [*last.txt_attn.proj.parameters(), *last.txt_mlp.parameters()]
+
     def forward(
         self,
         img: Tensor,
