@@ -276,21 +276,27 @@ def _controlnet_state_to_diffusers(state: dict, base_state: dict, hidden: int) -
 @pytest.fixture(scope="module")
 def parity_setup():
     """Base FLUX.1 dev with 3 double blocks and a 2-block ControlNet, so the cyclic reuse (0, 1, 0) differs from
-    diffusers' default spreading (0, 0, 1). 256 wide: tests.helpers patches the converter's hard-coded 3072."""
-    params = _params(depth=3)
+    diffusers' default spreading (0, 0, 1). 256 wide: tests.helpers patches the converter's hard-coded 3072 (the
+    3072-wide check below runs diffusers' converter as it is)."""
+    return _parity_models(depth=3, cn_depth=2, hidden=256)
+
+
+def _parity_models(depth: int, cn_depth: int, hidden: int):
+    params = _params(depth=depth, hidden=hidden)
     base_state = make_flux_state_dict(params, seed=1)
-    cn_params = ControlNetParams(params, depth=2)
+    cn_params = ControlNetParams(params, depth=cn_depth)
     cn_state = make_flux_controlnet_state_dict(cn_params, seed=2)
-    ours_base, ours_cn = Flux(params).eval(), FluxControlNet(cn_params).eval()
-    ours_base.load_state_dict(base_state, strict=True)
-    ours_cn.load_state_dict(cn_state, strict=True)
+    with torch.device("meta"):  # built empty; the weights are the state dicts' tensors (shared: inference only)
+        ours_base, ours_cn = Flux(params).eval(), FluxControlNet(cn_params).eval()
+    ours_base.load_state_dict(base_state, strict=True, assign=True)
+    ours_cn.load_state_dict(cn_state, strict=True, assign=True)
 
     heads = dict(num_attention_heads=params.num_heads, attention_head_dim=128, joint_attention_dim=CONTEXT,
                  pooled_projection_dim=VEC, guidance_embeds=True, in_channels=64)  # fmt: skip
     with torch.device("meta"):
-        ref_base = FluxTransformer2DModel(num_layers=3, num_single_layers=1, **heads)
+        ref_base = FluxTransformer2DModel(num_layers=depth, num_single_layers=1, **heads)
         ref_cn = FluxControlNetModel(
-            patch_size=2, num_layers=2, num_single_layers=0, conditioning_embedding_channels=16, **heads
+            patch_size=2, num_layers=cn_depth, num_single_layers=0, conditioning_embedding_channels=16, **heads
         )
     ref_base.load_state_dict(flux_state_to_diffusers(base_state, params.hidden_size), strict=True, assign=True)
     ref_cn.load_state_dict(_controlnet_state_to_diffusers(cn_state, base_state, params.hidden_size), strict=True,
@@ -335,6 +341,19 @@ def test_controlnet_matches_diffusers(parity_setup):
         assert _rel(ours_base(**inputs), ref_out) > 1e-2  # the ControlNet's part is large enough to be checked
     _, spread = _reference(ref_base, ref_cn, inputs, hint, repeat=False)
     assert _rel(out, spread) > 1e-3  # the cyclic reuse is what matches
+
+
+def test_controlnet_matches_diffusers_on_a_3072_wide_model():
+    """The real width, where diffusers' FLUX converter needs no patch: 2 double + 1 single base blocks, a 1-block
+    ControlNet (about 0.8 G parameters in fp32 per side)."""
+    ours_base, ours_cn, ref_base, ref_cn = _parity_models(depth=2, cn_depth=1, hidden=3072)
+    inputs, hint = _inputs()
+    ref_samples, ref_out = _reference(ref_base, ref_cn, inputs, hint)
+    samples, out = _ours(ours_base, ours_cn, inputs, hint)
+    assert len(samples) == len(ref_samples) == 1 and _rel(samples[0], ref_samples[0]) <= 1e-4
+    assert _rel(out, ref_out) <= 1e-4
+    with torch.no_grad():
+        assert _rel(ours_base(**inputs), ref_out) > 1e-3  # the ControlNet's part is large enough to be checked
 
 
 def test_parity_catches_a_transposed_hint(parity_setup, monkeypatch):
