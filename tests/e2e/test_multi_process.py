@@ -136,7 +136,8 @@ def test_sd3_lora_with_two_processes(tiny_sd3_models, tmp_path):
     config = dataset(tmp_path, 1)
     out = tmp_path / "sd3"
     result = launch("sd3_train_network.py", *separate_files(tiny_sd3_models), *sd3_common(config, out, steps=2),
-                    "--network_train_unet_only", "--ddp_check_sync")  # fmt: skip
+                    "--network_train_unet_only", "--ddp_check_sync", "--ddp_timeout", "5", "--ddp_static_graph",
+                    "--ddp_gradient_as_bucket_view")  # DDP's own options, passed through to it  # fmt: skip
     assert_in_sync(result, 2)
     assert len(list(out.glob("*.safetensors"))) == 1
 
