@@ -112,7 +112,7 @@ class ControlNetPlan:
         family.attach_controlnet(controlnet)
         self.family = family
         for param in getattr(controlnet, "unused_parameters", list)():
-            param.requires_grad_(False)  # never gets a gradient (see FluxControlNet.unused_parameters)
+            param.requires_grad_(False)  # never gets a gradient (see the ControlNet's unused_parameters)
         blocks = list(getattr(controlnet, "double_blocks", []))
         in_blocks = {id(p) for block in blocks for p in block.parameters()}
         groups = [(f"block {i}", [{"params": [p for p in b.parameters() if p.requires_grad], "lr": args.learning_rate}])
