@@ -66,7 +66,8 @@ def test_offload_settings_are_checked_with_the_package(monkeypatch):
 
 def test_without_a_launcher_deepspeed_gets_a_one_process_world(monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded, so the variables the test sets are removed afterwards
+        monkeypatch.delenv(key)
     distributed.launch_environment()
     import os
 
